@@ -1,0 +1,140 @@
+"""The `kdpipe` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from kdpipe import __version__
+from kdpipe.errors import UserError
+from kdpipe.pipeline.config import config_option
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"bad number list {text!r}: use e.g. 1,2") from None
+
+
+class _Group(click.Group):
+    """Turns the mistakes a user can fix into one line on stderr and exit code 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from kdpipe.storage.writer import disk_error
+
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"kdpipe: error: {exc}", err=True)
+            ctx.exit(2)
+        except OSError as exc:
+            err = disk_error(exc, exc.filename or "the output")
+            if err is None:
+                raise
+            click.echo(f"kdpipe: error: {err}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("kdpipe: interrupted; completed work units are kept: rerun with --resume", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="kdpipe")
+def cli() -> None:
+    """Offline knowledge distillation: run the teacher once (extract), train students from its cache."""
+
+
+@cli.command()
+@config_option("extract")
+@click.option("--teacher", required=True, help="Teacher: a Hugging Face model directory, or a .gguf file.")
+@click.option("--data", multiple=True, required=True,
+              help="Corpus: text files, .jsonl files, directories or globs. Repeat for several.")
+@click.option("--out", required=True, help="Output teacher cache (a directory).")
+@click.option("--tokenizer", default=None, help="Tokenizer path if not the teacher's own.")
+@click.option("--text-field", default="text", help="Field holding the text in .jsonl files.")
+@click.option("--seq-len", type=int, default=256, help="Tokens per sequence.")
+@click.option("--packing", type=click.Choice(["packed", "padded"]), default="packed",
+              help="packed: documents joined with EOS into full blocks; padded: one document per row, lengths stored.")
+@click.option("--batch-size", type=int, default=8, help="Sequences per teacher forward.")
+@click.option("--top-k", type=int, default=64, help="Logits kept per position.")
+@click.option("--temperatures", default="1", help="Temperatures whose full-vocabulary logsumexp is stored, e.g. 1,2.")
+@click.option("--sample-count", type=int, default=0, help="Draws per position from the teacher distribution (0: off).")
+@click.option("--sample-temperature", type=float, default=1.0, help="Temperature of the sampled draws.")
+@click.option("--seed", type=int, default=0, help="Seed of the sampled draws.")
+@click.option("--hidden-layers", default="none", help="Hidden states to keep: all, none, uniform:N, last:N or 0,4,8 "
+                                                      "(0 = embeddings).")
+@click.option("--hidden-dtype", type=click.Choice(["float16", "bfloat16"]), default="float16")
+@click.option("--hidden-keepbits", type=int, default=None, help="Lossy: keep this many mantissa bits of hidden states.")
+@click.option("--attention-layers", default="none", help="Attention to keep: all, none, uniform:N, last:N or 1,6,12.")
+@click.option("--attention-form", type=click.Choice(["probs", "factors"]), default="factors",
+              help="probs: post-softmax maps (h*T*T); factors: post-RoPE Q/K/V (3*h*T*d), exact on read.")
+@click.option("--attention-dtype", type=click.Choice(["float16", "uint8"]), default="float16",
+              help="Storage of attention probs.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              help="Teacher compute dtype.")
+@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
+@click.option("--engine", type=click.Choice(["hf"]), default="hf", help="Teacher engine.")
+@click.option("--max-sequences", type=int, default=None, help="Stop after this many sequences.")
+@click.option("--sequences-per-unit", type=int, default=16,
+              help="Sequences per work unit (one shard; the unit of resume and of rank assignment).")
+@click.option("--sequences-per-chunk", type=int, default=None,
+              help="Sequences per compressed chunk; smaller than the unit turns on zarr sharding.")
+@click.option("--logit-rows", type=int, default=512, help="Positions projected to the vocabulary at once.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the teacher's own Python code.")
+@click.option("--resume", is_flag=True, help="Continue an existing cache: done work units are skipped.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract(**opts) -> None:
+    """Run the teacher over a corpus and write its signals into a teacher cache."""
+    from kdpipe.stage1_extract.extractor import ExtractConfig, extract as run_extract
+
+    opts["data"] = list(opts["data"])
+    opts["temperatures"] = _floats(opts["temperatures"])
+    result = run_extract(ExtractConfig(**opts))
+    state = "complete" if result.complete else "INCOMPLETE (rerun with --resume)"
+    click.echo(f"wrote {result.sequences_written} sequences ({result.tokens_written} tokens) to {result.path} in "
+               f"{result.seconds:.1f}s, {result.tokens_per_second:.0f} tokens/s; cache {state}")
+
+
+@cli.command()
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and array table as JSON.")
+def inspect(cache: str, as_json: bool) -> None:
+    """Show a cache's manifest, arrays (shape, dtype, stored bytes, compression, bytes per token) and progress."""
+    from kdpipe.pipeline.report import cache_summary, format_summary
+
+    summary = cache_summary(cache)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
+@cli.command()
+@click.argument("cache")
+@click.option("--repair", is_flag=True, help="Clear the ledger flags of damaged units so `extract --resume` redoes them.")
+def verify(cache: str, repair: bool) -> None:
+    """Read every chunk (checksums) and check shapes, dtypes, the ledger and the data fingerprint."""
+    from kdpipe.pipeline.report import run_verify
+
+    run_verify(cache, repair)
+
+
+@cli.command()
+@click.option("--out", default="demo-out", help="Where the demo writes its cache.")
+@click.option("--sequences", type=int, default=48, help="Sequences to extract.")
+@click.option("--seq-len", type=int, default=128)
+@click.option("--quiet", is_flag=True)
+def demo(out: str, sequences: int, seq_len: int, quiet: bool) -> None:
+    """Extract a teacher cache from the real SmolLM2-135M-Instruct over English text, then inspect and verify it."""
+    from kdpipe.pipeline.demo import run_demo
+
+    run_demo(out, sequences, seq_len, quiet)
+
+
+def main() -> None:
+    cli(prog_name="kdpipe")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

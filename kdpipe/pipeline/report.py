@@ -1,0 +1,93 @@
+"""What `kdpipe inspect` and `kdpipe verify` print."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+import numpy as np
+
+from kdpipe.errors import UserError
+from kdpipe.storage.reader import TeacherCache
+from kdpipe.storage.schema import array_specs
+from kdpipe.storage.verify import describe_units, verify
+from kdpipe.storage.writer import store_bytes
+
+
+def cache_summary(path: str) -> dict[str, Any]:
+    cache = TeacherCache(path, allow_partial=True)
+    m = cache.manifest
+    tokens = max(1, m.data.num_tokens)
+    arrays = []
+    for spec in array_specs(m):
+        raw = int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
+        stored = store_bytes(path, spec.name)
+        arrays.append({"name": spec.name, "shape": list(spec.shape), "dtype": spec.logical_dtype or spec.dtype,
+                       "raw_bytes": raw, "stored_bytes": stored,
+                       "ratio": raw / stored if stored else None, "bytes_per_token": stored / tokens})
+    done, total = cache.progress()
+    full_fp16 = 2 * m.teacher.vocab_size
+    logit_bytes = sum(a["bytes_per_token"] for a in arrays if a["name"].startswith(("logits/", "sampled/")))
+    return {"path": path, "manifest": m.to_dict(), "arrays": arrays, "units_done": done, "units_total": total,
+            "logit_bytes_per_token": logit_bytes,
+            "full_fp16_logits_ratio": full_fp16 / logit_bytes if logit_bytes else None}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    m = s["manifest"]
+    t, d, sig, lay = m["teacher"], m["data"], m["signals"], m["layout"]
+    status = "complete" if m["complete"] else "INCOMPLETE"
+    lines = [
+        f"kdpipe cache {s['path']}  (format v{m['version']}, kdpipe {m['kdpipe_version']}, {status}: "
+        f"{s['units_done']}/{s['units_total']} work units)",
+        f"teacher   {t['name']}  {t['architecture']}  layers={t['num_layers']} hidden={t['hidden_size']} "
+        f"heads={t['num_heads']}/{t['num_kv_heads']} vocab={t['vocab_size']} dtype={t['dtype']}",
+        f"data      {d['num_sequences']} x {d['seq_len']} tokens ({d['packing']}), {d['num_tokens']} valid, "
+        f"fingerprint {d['fingerprint'][:16]}",
+        f"signals   top-{sig['top_k']} at T={sig['temperatures']}, sampled m={sig['sample_count']}, "
+        f"hidden {sig['hidden_layers']} ({sig['hidden_dtype']}), attention {sig['attention_form']} "
+        f"{sig['attention_layers']}",
+        f"layout    {lay['sequences_per_unit']} sequences per unit, {lay['sequences_per_chunk']} per chunk; "
+        f"engine {m['engine']['name']} on {m['engine']['device']}",
+        "",
+        f"{'array':32} {'shape':>22} {'dtype':>9} {'stored':>11} {'ratio':>7} {'B/token':>9}",
+    ]
+    for a in s["arrays"]:
+        ratio = f"{a['ratio']:.2f}" if a["ratio"] else "-"
+        lines.append(f"{a['name']:32} {str(tuple(a['shape'])):>22} {a['dtype']:>9} {_size(a['stored_bytes']):>11} "
+                     f"{ratio:>7} {a['bytes_per_token']:>9.1f}")
+    total = sum(a["stored_bytes"] for a in s["arrays"])
+    lines.append(f"{'total':32} {'':>22} {'':>9} {_size(total):>11}")
+    if s["full_fp16_logits_ratio"]:
+        lines.append(f"logit signals: {s['logit_bytes_per_token']:.1f} B/token, "
+                     f"{s['full_fp16_logits_ratio']:.0f}x smaller than full fp16 logits")
+    return "\n".join(lines)
+
+
+def run_verify(path: str, repair: bool) -> None:
+    cache = TeacherCache(path, allow_partial=True)  # validates that it is a cache at all
+    report = verify(path, repair=repair)
+    for problem in report.problems:
+        click.echo(f"  {problem}")
+    click.echo(f"read {report.chunks_read} chunks; {report.units_done}/{report.units_total} work units done")
+    if report.units_done < report.units_total and not report.damaged_units:
+        click.echo(f"cache is incomplete: finish it with `kdpipe extract --resume --out {path}` and the same settings")
+    if not report.ok:
+        if report.damaged_units:
+            where = describe_units(cache.manifest, report.damaged_units)
+            fix = ("ledger flags cleared" if repair else "run `kdpipe verify --repair` to clear their ledger flags")
+            raise UserError(f"{len(report.problems)} problem(s), damaged: {where}; {fix}, then "
+                            f"`kdpipe extract --resume` re-extracts them")
+        raise UserError(f"{len(report.problems)} problem(s) in {path}: re-extract it with --overwrite")
+    if report.units_done < report.units_total:
+        raise UserError(f"{path} is incomplete ({report.units_done}/{report.units_total} units): "
+                        f"rerun `kdpipe extract --resume`")
+    click.echo(f"ok: {path} verified")

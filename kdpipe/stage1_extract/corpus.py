@@ -1,0 +1,107 @@
+"""Corpus ingestion and packing: text files, jsonl with a text field, directories and globs ->
+blocks of `seq_len` token ids."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from kdpipe.errors import UserError
+
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+
+
+def expand_sources(patterns: Sequence[str]) -> list[Path]:
+    """Files named by paths, directories (searched recursively for text and jsonl files) and globs, sorted."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [pattern]
+        if not matches or not Path(matches[0]).exists():
+            raise UserError(f"corpus path {pattern} matches nothing: check --data")
+        for match in map(Path, matches):
+            if match.is_dir():
+                files += sorted(p for p in match.rglob("*") if p.is_file()
+                                and p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES)
+            else:
+                files.append(match)
+    return files
+
+
+def iter_documents(files: Sequence[Path], text_field: str = "text") -> Iterator[str]:
+    """One document per text file, one per jsonl line."""
+    for path in files:
+        if path.suffix.lower() in JSONL_SUFFIXES:
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise UserError(f"{path}:{lineno} is not valid JSON") from None
+                    if not isinstance(record, dict) or text_field not in record:
+                        raise UserError(f"{path}:{lineno} has no field {text_field!r}: set --text-field")
+                    yield str(record[text_field])
+        else:
+            try:
+                yield path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path} is not UTF-8 text: convert it, or leave it out of --data") from None
+
+
+def tokenize_documents(docs: Iterator[str], tokenizer, batch: int = 64) -> Iterator[list[int]]:
+    pending: list[str] = []
+    for doc in docs:
+        if doc.strip():
+            pending.append(doc)
+        if len(pending) == batch:
+            yield from tokenizer(pending, add_special_tokens=False)["input_ids"]
+            pending = []
+    if pending:
+        yield from tokenizer(pending, add_special_tokens=False)["input_ids"]
+
+
+def pack(token_docs: Iterator[list[int]], seq_len: int, separator: int | None, packing: str,
+         pad_id: int, max_sequences: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Blocks [N, seq_len] int32, valid lengths [N], and the number of tokens dropped.
+
+    `packed`: documents joined with `separator` (EOS) between them, cut into full blocks; the last
+    partial block is dropped. `padded`: each document split into blocks of its own, the last one padded.
+    """
+    rows: list[np.ndarray] = []
+    lengths: list[int] = []
+    buffer: list[int] = []
+    dropped = 0
+    full = False
+    for doc in token_docs:
+        if packing == "packed":
+            buffer += doc + ([separator] if separator is not None else [])
+            while len(buffer) >= seq_len:
+                rows.append(np.asarray(buffer[:seq_len], dtype=np.int32))
+                lengths.append(seq_len)
+                buffer = buffer[seq_len:]
+                if max_sequences and len(rows) >= max_sequences:
+                    full = True
+                    break
+        else:
+            for start in range(0, len(doc), seq_len):
+                piece = doc[start:start + seq_len]
+                row = np.full(seq_len, pad_id, dtype=np.int32)
+                row[:len(piece)] = piece
+                rows.append(row)
+                lengths.append(len(piece))
+                if max_sequences and len(rows) >= max_sequences:
+                    full = True
+                    break
+        if full:
+            break
+    if packing == "packed" and not full:
+        dropped = len(buffer)
+    if not rows:
+        raise UserError(f"the corpus holds fewer than {seq_len} tokens, not one block: add data or lower --seq-len")
+    return np.stack(rows), np.asarray(lengths, dtype=np.int32), dropped

@@ -1,0 +1,112 @@
+"""Logit signals without ever holding the full B x T x V logits.
+
+The teacher's output head is intercepted for the duration of a forward pass: instead of the
+vocabulary projection of every position at once, it projects `rows` positions at a time and keeps
+only what the cache stores (top-k, the full-vocabulary logsumexp per temperature, and optional
+sampled ids). Peak logit memory drops from B*T*V*4 bytes to rows*V*4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LogitSpec:
+    top_k: int
+    temperatures: Sequence[float]
+    rows: int = 512
+    sample_count: int = 0
+    sample_temperature: float = 1.0
+    seed: int = 0
+    softcap: float | None = None  # final-logit soft-capping (Gemma 2 style), applied as the model does
+
+
+class LogitSignals:
+    """Outputs of one forward pass: topk ids/values [B, T, k], logsumexp [B, T, n_temps], and when
+    sampling, unique ids and counts [B, T, m] (ids by count, descending; unused slots have count 0)."""
+
+    def __init__(self, spec: LogitSpec):
+        self.spec = spec
+        self.topk_ids = self.topk_values = self.logsumexp = None
+        self.sampled_ids = self.sampled_counts = None
+
+    def compute(self, hidden: torch.Tensor, project, sequence_ids: Sequence[int]) -> None:
+        spec = self.spec
+        b, t, _ = hidden.shape
+        k, m = spec.top_k, spec.sample_count
+        dev = hidden.device
+        self.topk_ids = torch.empty(b, t, k, dtype=torch.int64, device=dev)
+        self.topk_values = torch.empty(b, t, k, dtype=torch.float32, device=dev)
+        self.logsumexp = torch.empty(b, t, len(spec.temperatures), dtype=torch.float32, device=dev)
+        if m:
+            self.sampled_ids = torch.empty(b, t, m, dtype=torch.int64, device=dev)
+            self.sampled_counts = torch.empty(b, t, m, dtype=torch.int64, device=dev)
+        for b0, b1, t0, t1 in _windows(b, t, spec.rows):
+            logits = project(hidden[b0:b1, t0:t1]).float()
+            if spec.softcap:
+                logits = torch.tanh(logits / spec.softcap) * spec.softcap
+            values, ids = logits.topk(k, dim=-1)
+            self.topk_values[b0:b1, t0:t1], self.topk_ids[b0:b1, t0:t1] = values, ids
+            for i, temp in enumerate(spec.temperatures):
+                self.logsumexp[b0:b1, t0:t1, i] = torch.logsumexp(logits / temp, dim=-1)
+            if m:
+                for j in range(b0, b1):
+                    self._sample(logits[j - b0], j, t0, sequence_ids[j])
+
+    def _sample(self, logits: torch.Tensor, row: int, t0: int, sequence_id: int) -> None:
+        """m draws per position; the generator is seeded per sequence, so results do not depend on the
+        batch size, the rank or a resume."""
+        spec = self.spec
+        if t0 == 0:
+            self._generator = torch.Generator(device=logits.device)
+            self._generator.manual_seed(spec.seed * 1_000_003 + int(sequence_id))
+        probs = torch.softmax(logits / spec.sample_temperature, dim=-1)
+        draws = torch.multinomial(probs, spec.sample_count, replacement=True, generator=self._generator)
+        counts = torch.zeros_like(probs).scatter_add_(1, draws, torch.ones_like(draws, dtype=probs.dtype))
+        top_counts, top_ids = counts.topk(spec.sample_count, dim=-1)
+        t1 = t0 + logits.shape[0]
+        self.sampled_ids[row, t0:t1] = torch.where(top_counts > 0, top_ids, 0)
+        self.sampled_counts[row, t0:t1] = top_counts.long()
+
+
+def _windows(b: int, t: int, rows: int):
+    """Slices of at most `rows` positions: whole sequences when they fit, else pieces of one sequence."""
+    if t <= rows:
+        per = max(1, rows // t)
+        for b0 in range(0, b, per):
+            yield b0, min(b, b0 + per), 0, t
+    else:
+        for b0 in range(b):
+            for t0 in range(0, t, rows):
+                yield b0, b0 + 1, t0, min(t, t0 + rows)
+
+
+class HeadTap:
+    """Context manager: the model's output head computes `LogitSignals` instead of full logits.
+
+    The head module keeps its own forward (and any hooks on it, such as DeepSpeed's parameter
+    gathering); it is only called on slices. The model receives a [B, T, 1] placeholder as logits.
+    """
+
+    def __init__(self, model: nn.Module, signals: LogitSignals):
+        self.head = model.get_output_embeddings()
+        self.signals = signals
+        self.sequence_ids: Sequence[int] = ()
+
+    def __enter__(self) -> "HeadTap":
+        head, cls_forward = self.head, type(self.head).forward
+
+        def forward(hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            self.signals.compute(hidden, lambda h: cls_forward(head, h), self.sequence_ids)
+            return hidden.new_zeros(hidden.shape[:-1] + (1,))
+
+        head.forward = forward
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.head.forward

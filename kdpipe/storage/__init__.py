@@ -1,0 +1,1 @@
+"""The teacher-cache format: manifest, codecs, writer, reader, verify."""

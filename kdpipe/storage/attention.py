@@ -1,0 +1,48 @@
+"""Attention maps from Q/K factors: the one softmax used when capturing `probs` and when recomputing
+them from stored `factors`, so that both forms agree by construction."""
+
+from __future__ import annotations
+
+import torch
+
+
+def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Expand grouped-query K/V heads [B, h_kv, T, d] to [B, h, T, d]."""
+    rep = num_heads // x.shape[1]
+    return x if rep == 1 else x.repeat_interleave(rep, dim=1)
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Pre-softmax scores Q K^T * scaling in float32, [B, h, Tq, Tk]."""
+    k = repeat_kv(k, q.shape[1])
+    return torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
+
+
+def key_mask(
+    tq: int, tk: int, causal: bool, lengths: torch.Tensor | None, device: torch.device | None = None
+) -> torch.Tensor | None:
+    """Boolean [B or 1, 1, Tq, Tk] mask of allowed keys (True = attend), or None when all are."""
+    mask = None
+    if causal:
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)[None, None]
+    if lengths is not None:
+        valid = torch.arange(tk, device=device)[None, :] < lengths.to(device)[:, None]
+        valid = valid[:, None, None, :]
+        mask = valid if mask is None else mask & valid
+    return mask
+
+
+def probs_from_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over keys; masked keys get probability 0 (a fully masked row stays all zero)."""
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)
+
+
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, scaling: float, causal: bool, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Post-softmax attention [B, h, T, T] from post-RoPE queries and keys."""
+    mask = key_mask(q.shape[2], k.shape[2], causal, lengths, q.device)
+    return probs_from_scores(attention_scores(q, k, scaling), mask)

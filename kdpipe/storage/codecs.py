@@ -1,0 +1,46 @@
+"""Codec presets per array, and lossy bit-rounding for hidden states.
+
+Every preset ends in a crc32c checksum so that a damaged chunk fails loudly on read and
+`kdpipe verify` can name the sequences it covers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+
+PRESETS = {
+    # token ids and top-k ids: byte shuffle groups the high bytes, which are mostly equal
+    "ids": dict(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle),
+    # float16 logits, hidden states, attention: bit shuffle exposes the slowly varying exponent bits
+    "floats": dict(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle),
+    # dense attention is the bulkiest signal: favour speed over the last few percent
+    "attention": dict(cname="zstd", clevel=1, shuffle=BloscShuffle.bitshuffle),
+    # ledger flags and small arrays: checksum only
+    "raw": None,
+}
+
+
+def compressors(preset: str) -> list:
+    """The zarr v3 bytes-to-bytes codec chain of a preset."""
+    blosc = PRESETS[preset]
+    chain = [] if blosc is None else [BloscCodec(**blosc)]
+    return chain + [Crc32cCodec()]
+
+
+_MANTISSA_BITS = {"float16": 10, "bfloat16": 7}
+
+
+def bitround(bits: np.ndarray, dtype: str, keepbits: int) -> np.ndarray:
+    """Round the mantissa of float16/bfloat16 values (given as their uint16 bit patterns) to `keepbits`
+    bits, round-half-to-even; the zeroed low bits make bit-shuffled blocks far more compressible."""
+    drop = _MANTISSA_BITS[dtype] - keepbits
+    if drop <= 0:
+        return bits
+    x = bits.astype(np.uint32)
+    half = (1 << (drop - 1)) - 1
+    x += half + ((x >> drop) & 1)
+    x &= ~np.uint32((1 << drop) - 1) & 0xFFFF
+    # rounding can carry into the exponent, which is exactly the correct rounding; never into the sign bit
+    # except for values already at the largest exponent, which float16 hidden states do not reach
+    return x.astype(np.uint16)

@@ -1,0 +1,136 @@
+"""Typed read access to a teacher cache, by signal and layer, and dask arrays for whole-cache analysis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from kdpipe.errors import UserError
+from kdpipe.storage.attention import attention_probs
+from kdpipe.storage.manifest import Manifest
+from kdpipe.storage.schema import attention_name, hidden_name
+from kdpipe.storage.writer import LEDGER
+
+Index = slice | np.ndarray | list[int]
+
+
+class TeacherCache:
+    """An opened teacher cache. Refuses an incomplete store unless `allow_partial`."""
+
+    def __init__(self, path: str | Path, allow_partial: bool = False):
+        self.path = str(path)
+        if not Path(path).exists():
+            raise UserError(f"no teacher cache at {path}: run `kdpipe extract --out {path}` first")
+        try:
+            self.group = zarr.open_group(self.path, mode="r")
+        except (FileNotFoundError, ValueError, KeyError):
+            raise UserError(f"{path} is not a kdpipe teacher cache (no zarr group)") from None
+        self.manifest = Manifest.from_dict(self.group.attrs.get("kdpipe"), where=self.path)
+        if not self.manifest.complete and not allow_partial:
+            done, total = self.progress()
+            raise UserError(f"{path} is incomplete ({done}/{total} work units done): finish it with "
+                            f"`kdpipe extract --resume`, or pass --allow-partial to use the done units")
+
+    # -- shape of the data --------------------------------------------------------------------
+    @property
+    def num_sequences(self) -> int:
+        return self.manifest.data.num_sequences
+
+    @property
+    def seq_len(self) -> int:
+        return self.manifest.data.seq_len
+
+    def progress(self) -> tuple[int, int]:
+        done = np.asarray(self.group[LEDGER][:]).astype(bool)
+        return int(done.sum()), len(done)
+
+    def done_sequences(self) -> np.ndarray:
+        """Indices of sequences whose work unit is complete."""
+        per = self.manifest.layout.sequences_per_unit
+        done = np.asarray(self.group[LEDGER][:]).astype(bool)
+        ids = np.arange(self.num_sequences)
+        return ids[done[ids // per]]
+
+    def array(self, name: str) -> zarr.Array:
+        if name not in self.group:
+            raise UserError(f"{self.path} has no array {name}")
+        return self.group[name]
+
+    def _read(self, name: str, index: Index) -> np.ndarray:
+        arr = self.array(name)
+        if isinstance(index, slice):
+            return np.asarray(arr[index])
+        return np.asarray(arr.get_orthogonal_selection((np.asarray(index),)))
+
+    # -- signals ------------------------------------------------------------------------------
+    def input_ids(self, index: Index = slice(None)) -> np.ndarray:
+        return self._read("tokens/input_ids", index)
+
+    def lengths(self, index: Index = slice(None)) -> np.ndarray:
+        return self._read("tokens/length", index)
+
+    def topk(self, index: Index = slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids int64, raw logit values float32, logsumexp float32 [.., n_temps]) of the teacher's top-k."""
+        ids = self._read("logits/topk_ids", index).astype(np.int64)
+        values = self._read("logits/topk_values", index).astype(np.float32)
+        return ids, values, self._read("logits/logsumexp", index)
+
+    def temperature_index(self, temperature: float) -> int:
+        temps = self.manifest.signals.temperatures
+        for i, t in enumerate(temps):
+            if abs(t - temperature) < 1e-9:
+                return i
+        raise UserError(f"temperature {temperature:g} is not stored in {self.path} (stored: "
+                        f"{', '.join(f'{t:g}' for t in temps)}); the top-k tail cannot be renormalized exactly "
+                        f"at another temperature: re-extract with --temperatures")
+
+    def sampled(self, index: Index = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64, counts int64): unique draws from the teacher distribution, padded with count 0."""
+        if not self.manifest.signals.sample_count:
+            raise UserError(f"{self.path} has no sampled logits: re-extract with --sample-count M")
+        return self._read("sampled/ids", index).astype(np.int64), self._read("sampled/counts", index).astype(np.int64)
+
+    def hidden(self, layer: int, index: Index = slice(None)) -> np.ndarray:
+        if layer not in self.manifest.signals.hidden_layers:
+            raise UserError(f"{self.path} has no hidden states of layer {layer} (stored: "
+                            f"{self.manifest.signals.hidden_layers}): re-extract with --hidden-layers")
+        raw = self._read(hidden_name(layer), index)
+        if self.manifest.signals.hidden_dtype == "bfloat16":
+            return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float().numpy()
+        return raw.astype(np.float32)
+
+    def attention_factors(self, layer: int, index: Index = slice(None)) -> tuple[np.ndarray, ...]:
+        """Post-RoPE (q, k, v) of block `layer`; k and v keep the teacher's grouped-query heads."""
+        self._check_attention(layer, "factors")
+        return tuple(self._read(attention_name(layer, p), index).astype(np.float32) for p in "qkv")
+
+    def attention_probs(self, layer: int, index: Index = slice(None)) -> np.ndarray:
+        """Post-softmax attention [n, h, T, T] of block `layer`, stored or recomputed exactly from factors."""
+        s = self.manifest.signals
+        if s.attention_form == "probs":
+            self._check_attention(layer, "probs")
+            raw = self._read(attention_name(layer), index)
+            return raw.astype(np.float32) / 255.0 if s.attention_dtype == "uint8" else raw.astype(np.float32)
+        q, k, _ = self.attention_factors(layer, index)
+        lengths = None if self.manifest.data.packing == "packed" else torch.from_numpy(self.lengths(index))
+        probs = attention_probs(torch.from_numpy(q), torch.from_numpy(k), s.attention_scaling,
+                                self.manifest.teacher.causal, lengths)
+        return probs.numpy()
+
+    def _check_attention(self, layer: int, form: str) -> None:
+        s = self.manifest.signals
+        if layer not in s.attention_layers or (form == "factors" and s.attention_form != "factors"):
+            raise UserError(f"{self.path} has no attention {form} of layer {layer} (stored: {s.attention_form} "
+                            f"of {s.attention_layers}): re-extract with --attention-layers/--attention-form")
+
+    # -- whole-cache analysis -----------------------------------------------------------------
+    def dask(self, name: str):
+        """A dask array over one stored array, chunked along whole shards (dask needs shard alignment)."""
+        import dask.array as da
+
+        arr = self.array(name)
+        rows = arr.shards[0] if arr.shards else arr.chunks[0]
+        return da.from_zarr(arr, chunks=(rows,) + arr.shape[1:])

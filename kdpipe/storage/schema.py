@@ -1,0 +1,66 @@
+"""The arrays of a teacher cache, derived from its manifest: the one list that the writer creates,
+the reader opens and `kdpipe verify` checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdpipe.storage.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # the zarr dtype on disk
+    preset: str
+    logical_dtype: str | None = None  # what the stored bits mean when it differs, e.g. bfloat16 as uint16
+
+
+def id_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 65536 else "uint32"
+
+
+def hidden_name(layer: int) -> str:
+    return f"hidden/layer_{layer:03d}"
+
+
+def attention_name(layer: int, part: str | None = None) -> str:
+    return f"attention/layer_{layer:03d}" + (f"_{part}" if part else "")
+
+
+def array_specs(m: Manifest) -> list[ArraySpec]:
+    n, t = m.data.num_sequences, m.data.seq_len
+    s, teacher = m.signals, m.teacher
+    ids = id_dtype(teacher.vocab_size)
+    specs = [
+        ArraySpec("tokens/input_ids", (n, t), "int32", "ids"),
+        ArraySpec("tokens/length", (n,), "int32", "raw"),
+        ArraySpec("logits/topk_ids", (n, t, s.top_k), ids, "ids"),
+        ArraySpec("logits/topk_values", (n, t, s.top_k), "float16", "floats"),
+        ArraySpec("logits/logsumexp", (n, t, len(s.temperatures)), "float32", "floats"),
+    ]
+    if s.sample_count:
+        specs += [
+            ArraySpec("sampled/ids", (n, t, s.sample_count), ids, "ids"),
+            ArraySpec("sampled/counts", (n, t, s.sample_count), "uint16", "ids"),
+        ]
+    for layer in s.hidden_layers:
+        if s.hidden_dtype == "bfloat16":
+            specs.append(ArraySpec(hidden_name(layer), (n, t, teacher.hidden_size), "uint16", "floats", "bfloat16"))
+        else:
+            specs.append(ArraySpec(hidden_name(layer), (n, t, teacher.hidden_size), "float16", "floats"))
+    for layer in s.attention_layers:
+        if s.attention_form == "probs":
+            specs.append(ArraySpec(attention_name(layer), (n, teacher.num_heads, t, t), s.attention_dtype, "attention"))
+        else:
+            # grouped-query teachers keep their K/V heads: repeating them on read is exact and saves space
+            for part, heads in (("q", teacher.num_heads), ("k", teacher.num_kv_heads), ("v", teacher.num_kv_heads)):
+                specs.append(ArraySpec(attention_name(layer, part), (n, heads, t, teacher.head_dim), "float16", "floats"))
+    return specs
+
+
+def unit_range(m: Manifest, unit: int) -> tuple[int, int]:
+    """The sequences [start, stop) of one work unit."""
+    per = m.layout.sequences_per_unit
+    return unit * per, min((unit + 1) * per, m.data.num_sequences)
