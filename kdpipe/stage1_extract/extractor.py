@@ -143,7 +143,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     group = prepare_store(cfg.out, manifest, tokens, lengths, resume=cfg.resume, overwrite=cfg.overwrite)
 
     todo = [u for u, done in enumerate(units_done(group)) if not done]
-    spec = LogitSpec(top_k=cfg.top_k, temperatures=manifest.signals.temperatures, rows=cfg.logit_rows,
+    spec = LogitSpec(top_k=cfg.top_k, temperatures=manifest.signals.temperatures, vocab_size=teacher.vocab_size,
+                     rows=cfg.logit_rows,
                      sample_count=cfg.sample_count, sample_temperature=cfg.sample_temperature, seed=cfg.seed,
                      softcap=getattr(text_config(model), "final_logit_softcapping", None))
     run = _UnitRunner(model, manifest, spec, cfg)

@@ -19,6 +19,7 @@ from torch import nn
 class LogitSpec:
     top_k: int
     temperatures: Sequence[float]
+    vocab_size: int
     rows: int = 512
     sample_count: int = 0
     sample_temperature: float = 1.0
@@ -38,7 +39,8 @@ class LogitSignals:
     def compute(self, hidden: torch.Tensor, project, sequence_ids: Sequence[int]) -> None:
         spec = self.spec
         b, t, _ = hidden.shape
-        k, m = spec.top_k, spec.sample_count
+        k = spec.top_k
+        m = min(spec.sample_count, spec.vocab_size)
         dev = hidden.device
         self.topk_ids = torch.empty(b, t, k, dtype=torch.int64, device=dev)
         self.topk_values = torch.empty(b, t, k, dtype=torch.float32, device=dev)
@@ -68,7 +70,7 @@ class LogitSignals:
         probs = torch.softmax(logits / spec.sample_temperature, dim=-1)
         draws = torch.multinomial(probs, spec.sample_count, replacement=True, generator=self._generator)
         counts = torch.zeros_like(probs).scatter_add_(1, draws, torch.ones_like(draws, dtype=probs.dtype))
-        top_counts, top_ids = counts.topk(spec.sample_count, dim=-1)
+        top_counts, top_ids = counts.topk(min(spec.sample_count, counts.shape[-1]), dim=-1)
         t1 = t0 + logits.shape[0]
         self.sampled_ids[row, t0:t1] = torch.where(top_counts > 0, top_ids, 0)
         self.sampled_counts[row, t0:t1] = top_counts.long()

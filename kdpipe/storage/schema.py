@@ -41,9 +41,10 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
         ArraySpec("logits/logsumexp", (n, t, len(s.temperatures)), "float32", "floats"),
     ]
     if s.sample_count:
+        m = min(s.sample_count, teacher.vocab_size)  # at most V distinct ids can be drawn
         specs += [
-            ArraySpec("sampled/ids", (n, t, s.sample_count), ids, "ids"),
-            ArraySpec("sampled/counts", (n, t, s.sample_count), "uint16", "ids"),
+            ArraySpec("sampled/ids", (n, t, m), ids, "ids"),
+            ArraySpec("sampled/counts", (n, t, m), "uint16", "ids"),
         ]
     for layer in s.hidden_layers:
         if s.hidden_dtype == "bfloat16":

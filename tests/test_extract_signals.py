@@ -1,0 +1,134 @@
+"""Every stored signal against a direct computation on the same model: full logits, output_hidden_states,
+output_attentions (eager)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from kdpipe.stage1_extract.extractor import ExtractConfig, extract
+from kdpipe.storage.reader import TeacherCache
+
+
+def run(teacher: Path, corpus: Path, out: Path, **kw) -> TeacherCache:
+    cfg = dict(teacher=str(teacher), data=[str(corpus)], out=str(out), seq_len=32, batch_size=4, top_k=8,
+               temperatures=[1.0, 2.0], sequences_per_unit=8, quiet=True)
+    cfg.update(kw)
+    extract(ExtractConfig(**cfg))
+    return TeacherCache(out)
+
+
+def reference(teacher: Path, cache: TeacherCache):
+    """Full logits, all hidden states and all attention maps from a plain eager forward."""
+    model = transformers.AutoModelForMaskedLM if "bert" in teacher.name else transformers.AutoModelForCausalLM
+    model = model.from_pretrained(teacher, attn_implementation="eager").eval()
+    ids = torch.from_numpy(cache.input_ids()).long()
+    mask = None
+    if cache.manifest.data.packing == "padded":
+        mask = (torch.arange(ids.shape[1])[None] < torch.from_numpy(cache.lengths())[:, None]).long()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    return out
+
+
+def valid_rows(cache: TeacherCache) -> np.ndarray:
+    """[N, T] mask of positions that hold real tokens."""
+    return np.arange(cache.seq_len)[None, :] < cache.lengths()[:, None]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_signals_match_direct_computation(arch, teachers, corpus, tmp_path):
+    cache = run(teachers[arch], corpus, tmp_path / "c", hidden_layers="all", attention_layers="all",
+                attention_form="probs")
+    ref = reference(teachers[arch], cache)
+    logits = ref.logits.float()
+
+    ids, values, lse = cache.topk()
+    want_values, _ = logits.topk(8, dim=-1)
+    # values are the top-k of the full logits (fp16 storage), and the stored ids point at those values (ties aside)
+    np.testing.assert_allclose(values, want_values.numpy(), rtol=2e-3, atol=2e-3)
+    gathered = torch.gather(logits, -1, torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(gathered, values, rtol=2e-3, atol=2e-3)
+    assert (np.diff(values, axis=-1) <= 0).all(), "top-k must be sorted descending"
+    for i, temp in enumerate([1.0, 2.0]):
+        np.testing.assert_allclose(lse[..., i], torch.logsumexp(logits / temp, -1).numpy(), rtol=1e-5, atol=1e-5)
+
+    for layer in range(cache.manifest.teacher.num_layers + 1):
+        want = ref.hidden_states[layer].numpy()
+        np.testing.assert_allclose(cache.hidden(layer), want, rtol=1e-3, atol=2e-3, err_msg=f"hidden layer {layer}")
+    for layer in range(1, cache.manifest.teacher.num_layers + 1):
+        want = ref.attentions[layer - 1].numpy()
+        np.testing.assert_allclose(cache.attention_probs(layer), want, atol=1e-3, err_msg=f"attention layer {layer}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_probs_recomputed_from_factors_match_eager(arch, teachers, corpus, tmp_path):
+    cache = run(teachers[arch], corpus, tmp_path / "c", attention_layers="all", attention_form="factors")
+    ref = reference(teachers[arch], cache)
+    m = cache.manifest.teacher
+    q, k, v = cache.attention_factors(1)
+    assert q.shape[1:] == (m.num_heads, 32, m.head_dim) and k.shape[1] == m.num_kv_heads
+    for layer in range(1, m.num_layers + 1):
+        np.testing.assert_allclose(cache.attention_probs(layer), ref.attentions[layer - 1].numpy(), atol=2e-3)
+
+
+def test_padded_packing_stores_lengths_and_masks(teachers, corpus, tmp_path):
+    cache = run(teachers["llama"], corpus, tmp_path / "c", packing="padded", seq_len=64, hidden_layers="last:1",
+                attention_layers="1", attention_form="factors")
+    lengths = cache.lengths()
+    assert (lengths < 64).any() and (lengths > 0).all(), "padded mode must store short rows' lengths"
+    ref = reference(teachers["llama"], cache)
+    ok = valid_rows(cache)
+    _, values, lse = cache.topk()
+    np.testing.assert_allclose(lse[..., 0][ok], torch.logsumexp(ref.logits.float(), -1).numpy()[ok], rtol=1e-5)
+    np.testing.assert_allclose(cache.hidden(3)[ok], ref.hidden_states[3].numpy()[ok], rtol=1e-3, atol=2e-3)
+    probs = cache.attention_probs(1)
+    want = ref.attentions[0].numpy()
+    for n in range(len(lengths)):
+        L = lengths[n]
+        np.testing.assert_allclose(probs[n, :, :L, :L], want[n, :, :L, :L], atol=2e-3)
+
+
+def test_logit_slices_do_not_change_results(teachers, corpus, tmp_path):
+    """Projecting 8 positions at a time (pieces of one sequence) equals projecting many sequences at once."""
+    a = run(teachers["gpt2"], corpus, tmp_path / "a", logit_rows=8, sample_count=4)
+    b = run(teachers["gpt2"], corpus, tmp_path / "b", logit_rows=4096, sample_count=4, batch_size=3)
+    for x, y in zip(a.topk() + a.sampled(), b.topk() + b.sampled()):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_sampled_logits_follow_the_teacher_distribution(teachers, corpus, tmp_path):
+    m = 4000
+    cache = run(teachers["llama"], corpus, tmp_path / "c", sample_count=m, sample_temperature=2.0, max_sequences=2)
+    ref = reference(teachers["llama"], cache)
+    probs = torch.softmax(ref.logits.float() / 2.0, -1).numpy()
+    ids, counts = cache.sampled()
+    assert (counts.sum(-1) == m).all()
+    assert (np.diff(counts, axis=-1) <= 0).all(), "unique ids are stored by count, descending"
+    for n, t in [(0, 0), (0, 17), (1, 31)]:
+        used = counts[n, t] > 0
+        assert len(set(ids[n, t][used])) == used.sum()
+        freq = np.zeros(probs.shape[-1])
+        freq[ids[n, t][used]] = counts[n, t][used] / m
+        # each frequency within 5 standard errors of its probability
+        se = np.sqrt(probs[n, t] * (1 - probs[n, t]) / m) + 1e-4
+        assert (np.abs(freq - probs[n, t]) < 5 * se).all()
+
+
+def test_fingerprint_same_for_same_tokens_differs_for_one_token(teachers, corpus, tmp_path):
+    a = run(teachers["llama"], corpus, tmp_path / "a")
+    b = run(teachers["gpt2"], corpus, tmp_path / "b")  # another teacher, same tokenizer and data
+    assert a.manifest.data.fingerprint == b.manifest.data.fingerprint
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for f in sorted(corpus.iterdir()):
+        (changed / f.name).write_text(f.read_text())
+    doc = changed / "doc03.txt"
+    words = doc.read_text().split()
+    words[5] = "people" if words[5] != "people" else "world"
+    doc.write_text(" ".join(words))
+    c = run(teachers["llama"], changed, tmp_path / "c")
+    assert c.manifest.data.fingerprint != a.manifest.data.fingerprint
+    assert (c.input_ids() != a.input_ids()).sum() == 1
