@@ -96,6 +96,11 @@ def _check_options(cfg: ExtractConfig) -> None:
 def extract(cfg: ExtractConfig) -> ExtractResult:
     _check_options(cfg)
     configure_threads()
+    if cfg.quiet:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
     source = resolve_teacher(cfg.teacher)
     tokenizer = load_tokenizer(cfg.tokenizer, source, cfg.trust_remote_code)
     files = expand_sources(cfg.data)
