@@ -97,7 +97,7 @@ def test_sharded_layout_reads_the_same(teachers, corpus, tmp_path):
     cache = TeacherCache(tmp_path / "sharded")
     lazy = cache.dask("logits/topk_values")
     assert lazy.chunks[0][0] == 8
-    np.testing.assert_allclose(float(lazy.astype("float32").mean().compute()), cache.topk()[1].mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(lazy.astype("float32").mean().compute()), cache.topk_logprobs()[1].mean(), rtol=1e-5)
 
 
 def test_bfloat16_hidden_states_and_lossy_bitrounding(teachers, corpus, tmp_path):
@@ -122,3 +122,11 @@ def test_bitround_equals_round_half_even_of_the_mantissa():
         scale = 2.0 ** (keep + 1)
         want = np.ldexp(np.round(mant * scale) / scale, exp)
         np.testing.assert_array_equal(got, want)
+
+
+def test_unit_temperature_is_always_stored_and_others_are_refused(teachers, corpus, tmp_path):
+    cache = TeacherCache(make_cache(teachers["llama"], corpus, tmp_path / "c", temperatures=[2.0]).path)
+    assert cache.manifest.signals.temperatures == [1.0, 2.0]
+    assert cache.temperature_index(2.0) == 1
+    with pytest.raises(UserError, match="temperature 3 is not stored.*stored: 1, 2"):
+        cache.temperature_index(3.0)

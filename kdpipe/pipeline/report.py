@@ -27,7 +27,7 @@ def cache_summary(path: str) -> dict[str, Any]:
                        "ratio": raw / stored if stored else None, "bytes_per_token": stored / tokens})
     done, total = cache.progress()
     full_fp16 = 2 * m.teacher.vocab_size
-    logit_bytes = sum(a["bytes_per_token"] for a in arrays if a["name"].startswith(("logits/", "sampled/")))
+    logit_bytes = sum(a["bytes_per_token"] for a in arrays if a["name"].startswith("logits/"))
     return {"path": path, "manifest": m.to_dict(), "arrays": arrays, "units_done": done, "units_total": total,
             "logit_bytes_per_token": logit_bytes,
             "full_fp16_logits_ratio": full_fp16 / logit_bytes if logit_bytes else None}
@@ -67,7 +67,7 @@ def format_summary(s: dict[str, Any]) -> str:
     total = sum(a["stored_bytes"] for a in s["arrays"])
     lines.append(f"{'total':32} {'':>22} {'':>9} {_size(total):>11}")
     if s["full_fp16_logits_ratio"]:
-        lines.append(f"logit signals: {s['logit_bytes_per_token']:.1f} B/token, "
+        lines.append(f"top-k logits (ids, values, logsumexp): {s['logit_bytes_per_token']:.1f} B/token, "
                      f"{s['full_fp16_logits_ratio']:.0f}x smaller than full fp16 logits")
     return "\n".join(lines)
 

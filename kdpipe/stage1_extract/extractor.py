@@ -93,7 +93,9 @@ def _check_options(cfg: ExtractConfig) -> None:
             raise UserError(message)
 
 
-def extract(cfg: ExtractConfig) -> ExtractResult:
+def extract(cfg: ExtractConfig, model=None, tokenizer=None) -> ExtractResult:
+    """Run the teacher over the corpus into the cache at `cfg.out`. A caller that already holds the teacher
+    (and its tokenizer) passes them in; `cfg.teacher` then only names it in the manifest."""
     _check_options(cfg)
     configure_threads()
     if cfg.quiet:
@@ -102,9 +104,9 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
     source = resolve_teacher(cfg.teacher)
-    tokenizer = load_tokenizer(cfg.tokenizer, source, cfg.trust_remote_code)
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer, source, cfg.trust_remote_code)
     files = expand_sources(cfg.data)
-    model = load_teacher(source, cfg.dtype, cfg.device, cfg.trust_remote_code)
+    model = model or load_teacher(source, cfg.dtype, cfg.device, cfg.trust_remote_code)
     teacher = describe_teacher(model, source.name, cfg.dtype)
 
     if teacher.max_positions and cfg.seq_len > teacher.max_positions:
@@ -131,7 +133,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         data=DataInfo(sources=[str(f) for f in files], seq_len=cfg.seq_len, num_sequences=n, packing=cfg.packing,
                       fingerprint=data_fingerprint([tokens], lengths, cfg.seq_len),
                       num_tokens=int(lengths.sum()), dropped_tokens=dropped),
-        signals=SignalSpec(top_k=cfg.top_k, temperatures=[float(t) for t in cfg.temperatures],
+        signals=SignalSpec(top_k=cfg.top_k, temperatures=_with_unit_temperature(cfg.temperatures),
                            sample_count=cfg.sample_count, sample_temperature=cfg.sample_temperature, seed=cfg.seed,
                            hidden_layers=hidden_layers, hidden_dtype=cfg.hidden_dtype,
                            hidden_keepbits=cfg.hidden_keepbits, attention_layers=attention_layers,
@@ -173,6 +175,13 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     complete = finalize(group)
     manifest.complete = complete
     return ExtractResult(cfg.out, manifest, written_seqs, written_tokens, seconds, complete)
+
+
+def _with_unit_temperature(temperatures: list[float]) -> list[float]:
+    """T=1 first: top-k values are stored as log-probabilities at T=1, and its logsumexp turns them back
+    into raw logits."""
+    rest = [float(t) for t in temperatures if abs(t - 1.0) > 1e-9]
+    return [1.0] + list(dict.fromkeys(rest))
 
 
 def _attention_scaling(model, layer: int) -> float:

@@ -28,7 +28,8 @@ class LogitSpec:
 
 
 class LogitSignals:
-    """Outputs of one forward pass: topk ids/values [B, T, k], logsumexp [B, T, n_temps], and when
+    """Outputs of one forward pass: topk ids and log-probabilities at T=1 [B, T, k] (temperatures[0] must be
+    1), logsumexp [B, T, n_temps], and when
     sampling, unique ids and counts [B, T, m] (ids by count, descending; unused slots have count 0)."""
 
     def __init__(self, spec: LogitSpec):
@@ -53,9 +54,12 @@ class LogitSignals:
             if spec.softcap:
                 logits = torch.tanh(logits / spec.softcap) * spec.softcap
             values, ids = logits.topk(k, dim=-1)
-            self.topk_values[b0:b1, t0:t1], self.topk_ids[b0:b1, t0:t1] = values, ids
             for i, temp in enumerate(spec.temperatures):
                 self.logsumexp[b0:b1, t0:t1, i] = torch.logsumexp(logits / temp, dim=-1)
+            # stored as log-probabilities: float16 resolves them near 0, where the mass is; raw logits of
+            # ~20 would be off by up to 1/64 and the top-k mass could exceed 1
+            self.topk_values[b0:b1, t0:t1] = values - self.logsumexp[b0:b1, t0:t1, :1]
+            self.topk_ids[b0:b1, t0:t1] = ids
             if m:
                 for j in range(b0, b1):
                     self._sample(logits[j - b0], j, t0, sequence_ids[j])

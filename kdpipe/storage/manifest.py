@@ -56,7 +56,7 @@ class DataInfo:
 @dataclass
 class SignalSpec:
     top_k: int
-    temperatures: list[float]
+    temperatures: list[float]  # temperatures[0] is 1: `logits/topk_values` are log-probabilities at T=1
     sample_count: int = 0
     sample_temperature: float = 1.0
     seed: int = 0

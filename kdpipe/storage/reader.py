@@ -73,10 +73,16 @@ class TeacherCache:
         return self._read("tokens/length", index)
 
     def topk(self, index: Index = slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids int64, raw logit values float32, logsumexp float32 [.., n_temps]) of the teacher's top-k."""
+        """(ids int64, raw logits float32, logsumexp float32 [.., n_temps]) of the teacher's top-k."""
+        ids, logprobs, lse = self.topk_logprobs(index)
+        return ids, logprobs + lse[..., :1], lse
+
+    def topk_logprobs(self, index: Index = slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids int64, exact teacher log-probabilities at T=1 float32, logsumexp float32 [.., n_temps]).
+        At another stored temperature T: log p_T = raw / T - logsumexp[.., temperature_index(T)]."""
         ids = self._read("logits/topk_ids", index).astype(np.int64)
-        values = self._read("logits/topk_values", index).astype(np.float32)
-        return ids, values, self._read("logits/logsumexp", index)
+        logprobs = self._read("logits/topk_values", index).astype(np.float32)
+        return ids, logprobs, self._read("logits/logsumexp", index)
 
     def temperature_index(self, temperature: float) -> int:
         temps = self.manifest.signals.temperatures

