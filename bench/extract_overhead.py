@@ -47,6 +47,37 @@ def peak_rss_during(fn) -> int:
     return hwm() - base
 
 
+def peak_in_fresh_process(mode: str, teacher: str, batch: torch.Tensor, args) -> int:
+    """Run one batch in a new process (so no allocator cache from earlier runs hides the peak)."""
+    import subprocess
+    import sys
+
+    with tempfile.NamedTemporaryFile(suffix=".pt", delete=False) as f:
+        torch.save(batch, f.name)
+    cmd = [sys.executable, __file__, "--peak", mode, "--peak-batch", f.name, "--teacher", teacher,
+           "--top-k", str(args.top_k), "--logit-rows", str(args.logit_rows)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    Path(f.name).unlink()
+    return int(out.strip().splitlines()[-1])
+
+
+def peak_child(mode: str, teacher: str, batch_file: str, top_k: int, rows: int) -> None:
+    model = load_teacher(resolve_teacher(teacher))
+    batch = torch.load(batch_file)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    signals = LogitSignals(LogitSpec(top_k=top_k, temperatures=[1.0], vocab_size=vocab, rows=rows))
+
+    def run():
+        with torch.inference_mode():
+            if mode == "sliced":
+                with HeadTap(model, signals):
+                    model(input_ids=batch, use_cache=False)
+            else:
+                model(input_ids=batch, use_cache=False).logits.float().topk(top_k, dim=-1)
+
+    print(peak_rss_during(run))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default=None, help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
@@ -57,7 +88,11 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--logit-rows", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--peak", choices=["full", "sliced"], help=argparse.SUPPRESS)
+    ap.add_argument("--peak-batch", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.peak:
+        return peak_child(args.peak, args.teacher, args.peak_batch, args.top_k, args.logit_rows)
 
     teacher = args.teacher or str(smollm2_gguf())
     source = resolve_teacher(teacher)
@@ -112,22 +147,11 @@ def main() -> None:
           f"{summary['full_fp16_logits_ratio']:8.1f}x  (goal >= 500x)")
 
     vocab = summary["manifest"]["teacher"]["vocab_size"]
-    batch = blocks[: args.batch_size]
-    signals = LogitSignals(LogitSpec(top_k=args.top_k, temperatures=[1.0], vocab_size=vocab, rows=args.logit_rows))
-
-    def sliced():
-        with torch.inference_mode(), HeadTap(model, signals):
-            model(input_ids=batch, use_cache=False)
-
-    def full_logits():
-        with torch.inference_mode():
-            model(input_ids=batch, use_cache=False).logits.float().topk(args.top_k, dim=-1)
-
-    sliced(), full_logits()  # warm up allocator
-    peak_sliced, peak_full = peak_rss_during(sliced), peak_rss_during(full_logits)
-    print(f"\npeak extra memory of one batch ({args.batch_size} x {args.seq_len}): full logits "
-          f"{peak_full / 2**20:.0f} MiB, sliced head ({args.logit_rows} rows) {peak_sliced / 2**20:.0f} MiB; "
-          f"logits tensor alone {args.batch_size * args.seq_len * vocab * 4 / 2**20:.0f} MiB vs "
+    peaks = {mode: peak_in_fresh_process(mode, teacher, blocks[: args.batch_size], args) for mode in ("full", "sliced")}
+    print(f"\npeak extra memory of one batch ({args.batch_size} x {args.seq_len}, fresh process each, VmHWM over "
+          f"the loaded model): full logits {peaks['full'] / 2**20:.0f} MiB, sliced head ({args.logit_rows} rows) "
+          f"{peaks['sliced'] / 2**20:.0f} MiB, saved {(peaks['full'] - peaks['sliced']) / 2**20:.0f} MiB; the logits "
+          f"tensor alone is {args.batch_size * args.seq_len * vocab * 4 / 2**20:.0f} MiB vs "
           f"{min(args.logit_rows, args.batch_size * args.seq_len) * vocab * 4 / 2**20:.0f} MiB")
     shutil.rmtree(work, ignore_errors=True)
 

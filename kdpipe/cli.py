@@ -76,7 +76,13 @@ def cli() -> None:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               help="Teacher compute dtype.")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
-@click.option("--engine", type=click.Choice(["hf"]), default="hf", help="Teacher engine.")
+@click.option("--engine", type=click.Choice(["hf", "deepspeed"]), default="hf",
+              help="hf: plain transformers; deepspeed: ZeRO-3 inference with parameters offloaded (ZeRO-Inference).")
+@click.option("--offload", type=click.Choice(["cpu", "nvme"]), default="cpu",
+              help="deepspeed engine: where the teacher's parameters live between uses.")
+@click.option("--nvme-path", default=None, help="deepspeed engine with --offload nvme: a directory on a fast disk.")
+@click.option("--deepspeed", default=None, type=click.Path(dir_okay=False),
+              help="A DeepSpeed JSON config merged under kdpipe's ZeRO-3 inference settings (yours win).")
 @click.option("--max-sequences", type=int, default=None, help="Stop after this many sequences.")
 @click.option("--sequences-per-unit", type=int, default=16,
               help="Sequences per work unit (one shard; the unit of resume and of rank assignment).")

@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
-from kdpipe.capture import Capture, parse_layers, text_config
+from kdpipe.capture import find_blocks, parse_layers, text_config
 from kdpipe.errors import UserError
 from kdpipe.stage1_extract.corpus import expand_sources, iter_documents, pack, tokenize_documents
-from kdpipe.stage1_extract.logits import HeadTap, LogitSignals, LogitSpec
+from kdpipe.stage1_extract.engines import Ranks, load_deepspeed_teacher
+from kdpipe.stage1_extract.logits import LogitSpec
+from kdpipe.stage1_extract.runner import UnitRunner
 from kdpipe.stage1_extract.teacher import (configure_threads, describe_teacher, describe_tokenizer, load_teacher,
                                            load_tokenizer, resolve_teacher)
-from kdpipe.storage.codecs import bitround
 from kdpipe.storage.fingerprint import data_fingerprint
 from kdpipe.storage.manifest import DataInfo, EngineInfo, Layout, Manifest, SignalSpec
-from kdpipe.storage.schema import array_specs, attention_name, hidden_name, id_dtype, unit_range
-from kdpipe.storage.writer import UnitWriter, finalize, prepare_store, units_done
+from kdpipe.storage.schema import array_specs, unit_range
+from kdpipe.storage.writer import UnitWriter, finalize, open_store, prepare_store, units_done
 
 
 @dataclass
@@ -48,6 +46,9 @@ class ExtractConfig:
     dtype: str = "float32"
     device: str = "cpu"
     engine: str = "hf"
+    offload: str = "cpu"
+    nvme_path: str | None = None
+    deepspeed: str | None = None
     max_sequences: int | None = None
     sequences_per_unit: int = 16
     sequences_per_chunk: int | None = None
@@ -85,7 +86,8 @@ def _check_options(cfg: ExtractConfig) -> None:
                                              and cfg.sequences_per_unit % cfg.sequences_per_chunk == 0),
          "--sequences-per-chunk must divide --sequences-per-unit"),
         (cfg.hidden_keepbits is None or 1 <= cfg.hidden_keepbits <= 10, "--hidden-keepbits must be in 1..10"),
-        (cfg.engine == "hf", f"engine {cfg.engine!r} is not available: use --engine hf"),
+        (cfg.engine in ("hf", "deepspeed"), f"engine {cfg.engine!r} is not available: use --engine hf or deepspeed"),
+        (cfg.offload in ("cpu", "nvme"), "--offload must be cpu or nvme"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other: pick one"),
     ]
     for ok, message in checks:
@@ -106,9 +108,56 @@ def extract(cfg: ExtractConfig, model=None, tokenizer=None) -> ExtractResult:
     source = resolve_teacher(cfg.teacher)
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer, source, cfg.trust_remote_code)
     files = expand_sources(cfg.data)
+    ranks = Ranks.from_env(cfg.device, needed=cfg.engine == "deepspeed")
+    engine = EngineInfo(name=cfg.engine, device=cfg.device, world_size=ranks.world)
+    if model is None and cfg.engine == "deepspeed":
+        model, _ = load_deepspeed_teacher(source, cfg.dtype, cfg.device, cfg.offload, cfg.nvme_path, cfg.deepspeed,
+                                          cfg.trust_remote_code)
+        engine.zero_stage, engine.offload = 3, cfg.offload
     model = model or load_teacher(source, cfg.dtype, cfg.device, cfg.trust_remote_code)
-    teacher = describe_teacher(model, source.name, cfg.dtype)
+    manifest, tokens, lengths = _plan(cfg, source, model, tokenizer, files, engine)
 
+    # rank 0 creates (or reopens) the store; the others open it once it exists, and all fail together
+    group = ranks.first(lambda: prepare_store(cfg.out, manifest, tokens, lengths, cfg.resume, cfg.overwrite))
+    group = group if ranks.rank == 0 else open_store(cfg.out)
+    manifest.complete = False
+    pending = [u for u, done in enumerate(units_done(group)) if not done]
+    mine = pending[ranks.rank::ranks.world]
+
+    spec = LogitSpec(top_k=cfg.top_k, temperatures=manifest.signals.temperatures,
+                     vocab_size=manifest.teacher.vocab_size, rows=cfg.logit_rows, sample_count=cfg.sample_count,
+                     sample_temperature=cfg.sample_temperature, seed=cfg.seed,
+                     softcap=getattr(text_config(model), "final_logit_softcapping", None))
+    runner = UnitRunner(model, manifest, spec, cfg.batch_size)
+    writer = UnitWriter(group, cfg.out)
+    batches = [_batches(manifest, pending[r::ranks.world], cfg.batch_size) for r in range(ranks.world)]
+    total_tokens = sum(int(lengths[slice(*unit_range(manifest, u))].sum()) for u in mine)
+    written_seqs = written_tokens = 0
+    start = time.perf_counter()
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"extract{ranks.label}",
+               disable=cfg.quiet, dynamic_ncols=True, position=ranks.rank)
+    try:
+        for unit in mine:
+            s0, s1 = unit_range(manifest, unit)
+            writer.submit(unit, s0, runner.unit(tokens[s0:s1], lengths[s0:s1], range(s0, s1), bar))
+            written_seqs += s1 - s0
+            written_tokens += int(lengths[s0:s1].sum())
+        if cfg.engine == "deepspeed":
+            for _ in range(max(batches) - batches[ranks.rank]):
+                runner.idle_forward(tokens)
+    finally:
+        bar.close()
+        writer.close()
+    seconds = time.perf_counter() - start
+    ranks.barrier()
+    complete = finalize(group) if ranks.rank == 0 else False
+    manifest.complete = ranks.share(complete)
+    return ExtractResult(cfg.out, manifest, written_seqs, written_tokens, seconds, manifest.complete)
+
+
+def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInfo):
+    """Check the settings against the teacher, pack the corpus, and write down the manifest."""
+    teacher = describe_teacher(model, source.name, cfg.dtype)
     if teacher.max_positions and cfg.seq_len > teacher.max_positions:
         raise UserError(f"--seq-len {cfg.seq_len} is longer than the teacher's {teacher.max_positions} positions: "
                         f"lower --seq-len")
@@ -141,40 +190,17 @@ def extract(cfg: ExtractConfig, model=None, tokenizer=None) -> ExtractResult:
                            attention_dtype=cfg.attention_dtype),
         layout=Layout(sequences_per_unit=per_unit, sequences_per_chunk=cfg.sequences_per_chunk or per_unit,
                       num_units=math.ceil(n / per_unit)),
-        engine=EngineInfo(name=cfg.engine, device=cfg.device),
+        engine=engine,
     )
     manifest.layout.codecs = {spec.name: spec.preset for spec in array_specs(manifest)}
     if attention_layers:
         # the softmax scale the model uses; known before the first forward for the architectures we support
         manifest.signals.attention_scaling = _attention_scaling(model, attention_layers[0])
-    group = prepare_store(cfg.out, manifest, tokens, lengths, resume=cfg.resume, overwrite=cfg.overwrite)
+    return manifest, tokens, lengths
 
-    todo = [u for u, done in enumerate(units_done(group)) if not done]
-    spec = LogitSpec(top_k=cfg.top_k, temperatures=manifest.signals.temperatures, vocab_size=teacher.vocab_size,
-                     rows=cfg.logit_rows,
-                     sample_count=cfg.sample_count, sample_temperature=cfg.sample_temperature, seed=cfg.seed,
-                     softcap=getattr(text_config(model), "final_logit_softcapping", None))
-    run = _UnitRunner(model, manifest, spec, cfg)
-    writer = UnitWriter(group, cfg.out)
-    total_tokens = sum(int(lengths[slice(*unit_range(manifest, u))].sum()) for u in todo)
-    written_seqs = written_tokens = 0
-    start = time.perf_counter()
-    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="extract", disable=cfg.quiet,
-               dynamic_ncols=True)
-    try:
-        for unit in todo:
-            s0, s1 = unit_range(manifest, unit)
-            arrays = run.unit(tokens[s0:s1], lengths[s0:s1], range(s0, s1), bar)
-            writer.submit(unit, s0, arrays)
-            written_seqs += s1 - s0
-            written_tokens += int(lengths[s0:s1].sum())
-    finally:
-        bar.close()
-        writer.close()
-    seconds = time.perf_counter() - start
-    complete = finalize(group)
-    manifest.complete = complete
-    return ExtractResult(cfg.out, manifest, written_seqs, written_tokens, seconds, complete)
+
+def _batches(manifest: Manifest, units: list[int], batch_size: int) -> int:
+    return sum(math.ceil((b - a) / batch_size) for a, b in (unit_range(manifest, u) for u in units))
 
 
 def _with_unit_temperature(temperatures: list[float]) -> list[float]:
@@ -185,78 +211,7 @@ def _with_unit_temperature(temperatures: list[float]) -> list[float]:
 
 
 def _attention_scaling(model, layer: int) -> float:
-    from kdpipe.capture import find_blocks
-
     for module in find_blocks(model)[layer - 1].modules():
         if hasattr(module, "scaling") and "Attention" in type(module).__name__:
             return float(module.scaling)
     raise UserError(f"cannot find the attention scale of block {layer}")
-
-
-class _UnitRunner:
-    """Runs the teacher over one work unit, batch by batch, and returns its arrays as numpy."""
-
-    def __init__(self, model, manifest: Manifest, spec: LogitSpec, cfg: ExtractConfig):
-        self.model, self.m, self.cfg = model, manifest, cfg
-        self.signals = LogitSignals(spec)
-        s = manifest.signals
-        self.capture = Capture(model, s.hidden_layers, s.attention_layers, s.attention_form)
-        self.head = HeadTap(model, self.signals)
-        self.device = next(model.parameters()).device
-        self.ids_dtype = id_dtype(manifest.teacher.vocab_size)
-
-    @torch.inference_mode()
-    def unit(self, tokens: np.ndarray, lengths: np.ndarray, sequence_ids: range, bar) -> dict[str, np.ndarray]:
-        parts: dict[str, list[np.ndarray]] = {}
-        bs = self.cfg.batch_size
-        with self.capture, self.head:
-            for b0 in range(0, len(tokens), bs):
-                ids = torch.from_numpy(tokens[b0:b0 + bs]).long().to(self.device)
-                mask = None
-                if self.m.data.packing == "padded":
-                    lens = torch.from_numpy(lengths[b0:b0 + bs]).to(self.device)
-                    mask = (torch.arange(ids.shape[1], device=self.device)[None, :] < lens[:, None]).long()
-                self.capture.clear()
-                self.head.sequence_ids = list(sequence_ids[b0:b0 + bs])
-                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
-                for name, arr in self._batch_arrays().items():
-                    parts.setdefault(name, []).append(arr)
-                bar.update(int(lengths[b0:b0 + bs].sum()))
-        return {name: np.concatenate(chunks) for name, chunks in parts.items()}
-
-    def _batch_arrays(self) -> dict[str, np.ndarray]:
-        s, sig = self.m.signals, self.signals
-        out = {
-            "logits/topk_ids": sig.topk_ids.cpu().numpy().astype(self.ids_dtype),
-            "logits/topk_values": sig.topk_values.to(torch.float16).cpu().numpy(),
-            "logits/logsumexp": sig.logsumexp.cpu().numpy(),
-        }
-        if s.sample_count:
-            out["sampled/ids"] = sig.sampled_ids.cpu().numpy().astype(self.ids_dtype)
-            out["sampled/counts"] = sig.sampled_counts.cpu().numpy().astype(np.uint16)
-        for layer in s.hidden_layers:
-            out[hidden_name(layer)] = self._hidden(layer, self.capture.hidden[layer])
-        for layer in s.attention_layers:
-            captured = self.capture.attention[layer]
-            if s.attention_form == "factors":
-                for part, x in zip("qkv", captured):
-                    out[attention_name(layer, part)] = x.to(torch.float16).cpu().numpy()
-            elif s.attention_dtype == "uint8":
-                out[attention_name(layer)] = torch.round(captured * 255).to(torch.uint8).cpu().numpy()
-            else:
-                out[attention_name(layer)] = captured.to(torch.float16).cpu().numpy()
-        return out
-
-    def _hidden(self, layer: int, x: torch.Tensor) -> np.ndarray:
-        s = self.m.signals
-        if s.hidden_dtype == "bfloat16":
-            bits = x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-        else:
-            half = x.to(torch.float16)
-            if not torch.isfinite(half).all() and torch.isfinite(x).all():
-                raise UserError(f"hidden states of layer {layer} exceed the float16 range: rerun with "
-                                f"--hidden-dtype bfloat16")
-            bits = half.cpu().numpy().view(np.uint16)
-        if s.hidden_keepbits is not None:
-            bits = bitround(bits, s.hidden_dtype, s.hidden_keepbits)
-        return bits if s.hidden_dtype == "bfloat16" else bits.view(np.float16)

@@ -104,12 +104,17 @@ def describe_teacher(model: nn.Module, name: str, dtype: str) -> TeacherInfo:
         num_heads=heads,
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
-        vocab_size=model.get_output_embeddings().weight.shape[0],
+        vocab_size=_rows(model.get_output_embeddings().weight),
         dtype=dtype,
         config_sha256=config_fingerprint(json.loads(cfg.to_json_string(use_diff=False))),
         max_positions=max_positions(model),
         causal=bool(getattr(attn, "is_causal", True)),
     )
+
+
+def _rows(weight: torch.Tensor) -> int:
+    """Rows of a weight, also when ZeRO-3 has partitioned it away (its full shape is then `ds_shape`)."""
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
 
 
 def describe_tokenizer(tokenizer, name: str) -> TokenizerInfo:

@@ -11,6 +11,7 @@ import errno
 import os
 import queue
 import shutil
+import signal
 import threading
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from kdpipe.storage.manifest import Manifest
 from kdpipe.storage.schema import array_specs
 
 LEDGER = "ledger/done"
+# fault injection for the crash-safety tests: "UNIT:mid" (some arrays written, flag not set) or "UNIT:after"
+CRASH_ENV = "KDPIPE_TEST_CRASH"
 _DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                 errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}
 
@@ -79,6 +82,11 @@ def prepare_store(path: str | Path, manifest: Manifest, tokens: np.ndarray, leng
     except OSError as exc:
         raise disk_error(exc, str(path)) or exc
     return group
+
+
+def open_store(path: str | Path) -> zarr.Group:
+    """An existing store, for a rank other than the one that created it."""
+    return zarr.open_group(str(path), mode="r+")
 
 
 def _create_arrays(group: zarr.Group, m: Manifest) -> None:
@@ -145,9 +153,12 @@ class UnitWriter:
                 continue  # drain: after a failure nothing more is written
             unit, start, arrays = item
             try:
-                for name, data in arrays.items():
+                for i, (name, data) in enumerate(arrays.items()):
                     self.group[name][start:start + len(data)] = data
+                    if i == 0:
+                        _crash_point(unit, "mid")
                 self.group[LEDGER][unit] = 1  # last: the unit counts only once all its arrays are written
+                _crash_point(unit, "after")
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 self._error = exc
 
@@ -158,6 +169,11 @@ class UnitWriter:
         if isinstance(exc, OSError):
             raise disk_error(exc, self.path) or exc
         raise exc
+
+
+def _crash_point(unit: int, stage: str) -> None:
+    if os.environ.get(CRASH_ENV) == f"{unit}:{stage}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def store_bytes(path: str | Path, name: str) -> int:
