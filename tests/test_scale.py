@@ -151,3 +151,30 @@ def test_full_disk_is_one_line_and_resumable(baseline, teachers, corpus, tmp_pat
         assert_same_store(out, baseline)
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def test_user_deepspeed_json_is_merged_under_kdpipe_settings(tmp_path):
+    import json
+
+    from kdpipe.stage1_extract.engines import deepspeed_config
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"offload_param": {"buffer_count": 7}}, "bf16": {"enabled": False},
+                                "wall_clock_breakdown": True}))
+    cfg = deepspeed_config("bfloat16", "nvme", str(tmp_path / "nv"), str(user), largest_param=3 * 10**8)
+    param = cfg["zero_optimization"]["offload_param"]
+    assert cfg["zero_optimization"]["stage"] == 3 and param["device"] == "nvme"
+    assert param["buffer_count"] == 7, "the user's setting wins"
+    assert param["buffer_size"] == 3 * 10**8, "a swap buffer must hold the largest parameter"
+    assert param["nvme_path"] == str(tmp_path / "nv") and (tmp_path / "nv").is_dir()
+    assert cfg["bf16"] == {"enabled": False} and cfg["wall_clock_breakdown"] is True
+    assert deepspeed_config("float32", "cpu", None, None, 10)["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+    user.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(UserError, match="ZeRO stage 3 inference.*stage 2"):
+        deepspeed_config("float32", "cpu", None, str(user), 10)
+    user.write_text("{")
+    with pytest.raises(UserError, match="not valid JSON"):
+        deepspeed_config("float32", "cpu", None, str(user), 10)
+    with pytest.raises(UserError, match="--nvme-path"):
+        deepspeed_config("float32", "nvme", None, None, 10)

@@ -54,28 +54,35 @@ class LogitSignals:
             if spec.softcap:
                 logits = torch.tanh(logits / spec.softcap) * spec.softcap
             values, ids = logits.topk(k, dim=-1)
-            for i, temp in enumerate(spec.temperatures):
-                self.logsumexp[b0:b1, t0:t1, i] = torch.logsumexp(logits / temp, dim=-1)
+            top = values[..., :1]  # the row maximum, so logsumexp needs no pass of its own to find it
+            shifted = logits.sub_(top)  # in place: the slice's raw logits are not needed again
+            for i, temp in enumerate(spec.temperatures[1:], 1):
+                tail = (shifted / temp).exp().sum(-1, keepdim=True).log()
+                self.logsumexp[b0:b1, t0:t1, i] = (top / temp + tail)[..., 0]
+            weights = (shifted / spec.sample_temperature).exp() if m and spec.sample_temperature != 1 else None
+            unnormalized = shifted.exp_()  # p * Z at T=1, again in place
+            lse = top + unnormalized.sum(-1, keepdim=True).log()
+            self.logsumexp[b0:b1, t0:t1, 0] = lse[..., 0]
             # stored as log-probabilities: float16 resolves them near 0, where the mass is; raw logits of
             # ~20 would be off by up to 1/64 and the top-k mass could exceed 1
-            self.topk_values[b0:b1, t0:t1] = values - self.logsumexp[b0:b1, t0:t1, :1]
+            self.topk_values[b0:b1, t0:t1] = values - lse
             self.topk_ids[b0:b1, t0:t1] = ids
             if m:
+                weights = unnormalized if weights is None else weights
                 for j in range(b0, b1):
-                    self._sample(logits[j - b0], j, t0, sequence_ids[j])
+                    self._sample(weights[j - b0], j, t0, sequence_ids[j])
 
-    def _sample(self, logits: torch.Tensor, row: int, t0: int, sequence_id: int) -> None:
-        """m draws per position; the generator is seeded per sequence, so results do not depend on the
-        batch size, the rank or a resume."""
+    def _sample(self, weights: torch.Tensor, row: int, t0: int, sequence_id: int) -> None:
+        """m draws per position from unnormalized probabilities [T, V]; the generator is seeded per sequence,
+        so results do not depend on the batch size, the rank or a resume."""
         spec = self.spec
         if t0 == 0:
-            self._generator = torch.Generator(device=logits.device)
+            self._generator = torch.Generator(device=weights.device)
             self._generator.manual_seed(spec.seed * 1_000_003 + int(sequence_id))
-        probs = torch.softmax(logits / spec.sample_temperature, dim=-1)
-        draws = torch.multinomial(probs, spec.sample_count, replacement=True, generator=self._generator)
-        counts = torch.zeros_like(probs).scatter_add_(1, draws, torch.ones_like(draws, dtype=probs.dtype))
+        draws = torch.multinomial(weights, spec.sample_count, replacement=True, generator=self._generator)
+        counts = torch.zeros_like(weights).scatter_add_(1, draws, torch.ones_like(draws, dtype=weights.dtype))
         top_counts, top_ids = counts.topk(min(spec.sample_count, counts.shape[-1]), dim=-1)
-        t1 = t0 + logits.shape[0]
+        t1 = t0 + weights.shape[0]
         self.sampled_ids[row, t0:t1] = torch.where(top_counts > 0, top_ids, 0)
         self.sampled_counts[row, t0:t1] = top_counts.long()
 

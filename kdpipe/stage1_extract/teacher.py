@@ -127,3 +127,21 @@ def configure_threads() -> None:
     """Leave one core to the writer thread's compression when torch would take them all."""
     if "OMP_NUM_THREADS" not in os.environ and (os.cpu_count() or 1) > 2:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+
+
+def export_gguf(source: TeacherSource, out: Path) -> Path:
+    """Write a GGUF teacher as a safetensors model directory (with its tokenizer), so that engines that
+    build the model themselves (DeepSpeed's zero.Init) can load it. transformers refuses to
+    `save_pretrained` a GGUF-loaded model, so its weights go into a fresh model of the same config."""
+    import transformers
+
+    model = load_teacher(source)
+    fresh = type(model)(model.config)
+    fresh.load_state_dict(model.state_dict())
+    fresh.config.quantization_config = None
+    if hasattr(fresh.config, "quantization_config"):
+        del fresh.config.quantization_config
+    out.mkdir(parents=True, exist_ok=True)
+    fresh.save_pretrained(out)
+    load_tokenizer(None, source).save_pretrained(out)
+    return out

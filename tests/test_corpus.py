@@ -1,0 +1,49 @@
+"""Corpus ingestion and packing against a direct computation."""
+
+import json
+
+import numpy as np
+import pytest
+
+from kdpipe.errors import UserError
+from kdpipe.stage1_extract.corpus import expand_sources, iter_documents, pack, tokenize_documents
+from tiny import make_tokenizer
+
+
+def test_sources_text_jsonl_directories_and_globs(tmp_path):
+    (tmp_path / "a.txt").write_text("the first document")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jsonl").write_text(json.dumps({"text": "second one", "id": 1}) + "\n\n" +
+                                              json.dumps({"text": "third"}) + "\n")
+    (tmp_path / "sub" / "ignored.bin").write_bytes(b"\x00\x01")
+    files = expand_sources([str(tmp_path)])
+    assert [f.name for f in files] == ["a.txt", "b.jsonl"]
+    assert expand_sources([str(tmp_path / "**" / "*.jsonl")]) == [tmp_path / "sub" / "b.jsonl"]
+    assert list(iter_documents(files)) == ["the first document", "second one", "third"]
+    with pytest.raises(UserError, match="no field 'body'.*--text-field"):
+        list(iter_documents(files, text_field="body"))
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(UserError, match="bad.jsonl:1 is not valid JSON"):
+        list(iter_documents([tmp_path / "bad.jsonl"]))
+
+
+def test_packed_blocks_are_the_documents_joined_by_eos():
+    tok = make_tokenizer()
+    docs = ["the of and to in a is", "that for it", "as was with be by on not he this are or his"]
+    ids = list(tokenize_documents(iter(docs), tok))
+    stream = [t for d in ids for t in d + [tok.eos_token_id]]
+    blocks, lengths, dropped = pack(iter(ids), 5, tok.eos_token_id, "packed", tok.pad_token_id)
+    n = len(stream) // 5
+    np.testing.assert_array_equal(blocks, np.asarray(stream[: n * 5]).reshape(n, 5))
+    assert (lengths == 5).all() and dropped == len(stream) - n * 5
+
+
+def test_padded_rows_hold_one_document_each():
+    tok = make_tokenizer()
+    ids = list(tokenize_documents(iter(["the of and to in a is that", "for it"]), tok))
+    blocks, lengths, _ = pack(iter(ids), 6, tok.eos_token_id, "padded", tok.pad_token_id)
+    assert lengths.tolist() == [6, 2, 2]
+    np.testing.assert_array_equal(blocks[1, :2], ids[0][6:])
+    assert (blocks[1, 2:] == tok.pad_token_id).all()
+    capped, _, _ = pack(iter(ids), 6, tok.eos_token_id, "padded", tok.pad_token_id, max_sequences=2)
+    assert len(capped) == 2
