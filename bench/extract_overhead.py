@@ -122,6 +122,7 @@ def main() -> None:
     summary = None
     for engine in args.engines.split(","):
         model = load_engine(engine, source, work)
+        engine_opts = {} if engine == "hf" else {"engine": "deepspeed", "offload": engine.removeprefix("deepspeed-")}
         n_layers = model.config.num_hidden_layers
         variants = {
             "topk": dict(),
@@ -129,7 +130,7 @@ def main() -> None:
                                 attention_layers="uniform:6", attention_form="factors"),
         }
         # the token blocks every run sees: packed once by a top-k extraction
-        extract(ExtractConfig(out=str(work / "tokens"), **common), model, tokenizer)
+        extract(ExtractConfig(out=str(work / "tokens"), **common, **engine_opts), model, tokenizer)
         blocks = torch.from_numpy(TeacherCache(work / "tokens").input_ids()).long()
         tokens = blocks.numel()
 
@@ -145,7 +146,8 @@ def main() -> None:
         for _ in range(args.repeats):
             times["bare"].append(bare())
             for name, extra in variants.items():
-                result = extract(ExtractConfig(out=str(work / name), **common, **extra), model, tokenizer)
+                result = extract(ExtractConfig(out=str(work / name), **common, **extra, **engine_opts), model,
+                                 tokenizer)
                 times[name].append(result.seconds)
         best = {name: min(ts) for name, ts in times.items()}
         for name, t in best.items():

@@ -110,17 +110,17 @@ def extract(cfg: ExtractConfig, model=None, tokenizer=None) -> ExtractResult:
     files = expand_sources(cfg.data)
     ranks = Ranks.from_env(cfg.device, needed=cfg.engine == "deepspeed")
     engine = EngineInfo(name=cfg.engine, device=cfg.device, world_size=ranks.world)
-    if model is None and cfg.engine == "deepspeed":
-        model, _ = load_deepspeed_teacher(source, cfg.dtype, cfg.device, cfg.offload, cfg.nvme_path, cfg.deepspeed,
-                                          cfg.trust_remote_code)
+    if cfg.engine == "deepspeed":
         engine.zero_stage, engine.offload = 3, cfg.offload
+        if model is None:
+            model, _ = load_deepspeed_teacher(source, cfg.dtype, cfg.device, cfg.offload, cfg.nvme_path,
+                                              cfg.deepspeed, cfg.trust_remote_code)
     model = model or load_teacher(source, cfg.dtype, cfg.device, cfg.trust_remote_code)
     manifest, tokens, lengths = _plan(cfg, source, model, tokenizer, files, engine)
 
     # rank 0 creates (or reopens) the store; the others open it once it exists, and all fail together
     group = ranks.first(lambda: prepare_store(cfg.out, manifest, tokens, lengths, cfg.resume, cfg.overwrite))
     group = group if ranks.rank == 0 else open_store(cfg.out)
-    manifest.complete = False
     pending = [u for u, done in enumerate(units_done(group)) if not done]
     mine = pending[ranks.rank::ranks.world]
 
