@@ -106,6 +106,64 @@ def extract(**opts) -> None:
 
 
 @cli.command()
+@config_option("distill")
+@click.option("--cache", multiple=True, required=True, help="Teacher cache(s) to learn from.")
+@click.option("--student", required=True,
+              help="teacher:layers=6,hidden=256 (the teacher's shape, smaller), a config .json, or a model directory.")
+@click.option("--method", multiple=True, default=["kd"],
+              help="NAME[:key=value,...]; repeat to combine, e.g. --method kd:temperature=2 --method lm:weight=0.5.")
+@click.option("--out", required=True, help="Run directory: checkpoints, metrics.jsonl, the saved student.")
+@click.option("--init-from-teacher", default=None,
+              help="Initialize the student from these teacher weights (DistilBERT-style); the teacher never runs.")
+@click.option("--layer-map", default="uniform", help="uniform, skip, last, or explicit pairs 1:2,2:4.")
+@click.option("--steps", type=int, default=100)
+@click.option("--batch-size", type=int, default=8)
+@click.option("--grad-accum", type=int, default=1, help="Micro-batches per optimizer step.")
+@click.option("--lr", type=float, default=5e-4)
+@click.option("--weight-decay", type=float, default=0.01)
+@click.option("--warmup", type=float, default=0.05, help="Warmup: a fraction of --steps (< 1) or a step count.")
+@click.option("--min-lr-ratio", type=float, default=0.1, help="Cosine decay floor, as a fraction of --lr.")
+@click.option("--clip", type=float, default=1.0, help="Gradient norm clipping.")
+@click.option("--seed", type=int, default=0)
+@click.option("--eval-every", type=int, default=0, help="Evaluate every N steps (0: at the end only).")
+@click.option("--eval-sequences", type=int, default=64, help="Sequences held out for evaluation (whole units).")
+@click.option("--save-every", type=int, default=0, help="Checkpoint every N steps (0: at the end only).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@click.option("--deepspeed", default=None, type=click.Path(dir_okay=False), help="DeepSpeed JSON for ZeRO student training.")
+@click.option("--device", default="cpu")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+              help="auto: bf16 autocast where the device has it (CUDA), else fp32.")
+@click.option("--allow-partial", is_flag=True, help="Train on the done units of an incomplete cache.")
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--quiet", is_flag=True)
+def distill(**opts) -> None:
+    """Train a student from teacher cache(s) alone: the teacher is never loaded."""
+    from kdpipe.stage2_distill.trainer import DistillConfig, distill as run_distill
+
+    opts["cache"], opts["method"] = list(opts["cache"]), list(opts["method"])
+    result = run_distill(DistillConfig(**opts))
+    f, i = result.final, result.initial
+    summary = ", ".join(f"{k.split('/')[1]} {i.get(k, float('nan')):.4g} -> {v:.4g}" for k, v in f.items())
+    click.echo(f"trained {result.steps} steps in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tokens/s); "
+               f"held-out {summary}; student saved to {result.out}/student")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def methods(as_json: bool) -> None:
+    """The 25 GKD methods: paper, the teacher signals each needs, and whether it runs from the cache."""
+    from kdpipe.stage2_distill.methods import catalog
+
+    rows = catalog.table()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'method':14} {'status':8} {'paper':22} needs from the teacher")
+    for r in rows:
+        click.echo(f"{r['method']:14} {r['status']:8} {r['paper']:22} {r['needs']}")
+
+
+@cli.command()
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and array table as JSON.")
 def inspect(cache: str, as_json: bool) -> None:

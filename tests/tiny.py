@@ -29,7 +29,9 @@ def make_tokenizer():
 
 
 def make_model(arch: str, vocab_size: int, layers: int = 3, hidden: int = 32, heads: int = 4, seed: int = 0,
-               positions: int = 128):
+               positions: int = 128, sharpness: float = 1.0):
+    """`sharpness` scales the output head: random models are near-uniform, a sharper one has peaked,
+    input-dependent distributions worth distilling."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -50,6 +52,8 @@ def make_model(arch: str, vocab_size: int, layers: int = 3, hidden: int = 32, he
         model = tf.BertForMaskedLM(config)
     else:
         raise ValueError(arch)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(sharpness)
     return model.eval()
 
 

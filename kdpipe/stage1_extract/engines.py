@@ -8,8 +8,6 @@ under ZeRO-3 each module's parameters are gathered by DeepSpeed's own hooks when
 from __future__ import annotations
 
 import json
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -17,33 +15,9 @@ from typing import Any, Callable, TypeVar
 import torch
 from torch import nn
 
+from kdpipe.distributed import distributed_env, init_process_group
 from kdpipe.errors import UserError
-from kdpipe.stage1_extract.teacher import DTYPES, TeacherSource, load_teacher
-
-
-def distributed_env() -> tuple[int, int]:
-    """(rank, world size) from torchrun / the deepspeed launcher; (0, 1) when run alone."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def init_process_group(device: str) -> None:
-    """Join (or, alone, create) the process group; gloo on CPU, nccl on GPUs."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend=backend)
+from kdpipe.modelio import DTYPES, TeacherSource, load_teacher
 
 
 T = TypeVar("T")

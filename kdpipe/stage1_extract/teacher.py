@@ -1,73 +1,20 @@
-"""Loading a teacher and its tokenizer (the `hf` engine), and describing them for the manifest."""
+"""The teacher's tokenizer, the manifest's description of teacher and tokenizer, and GGUF export.
+Loading weights (the `hf` engine) lives in `kdpipe.modelio`, which stage 2 shares."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from kdpipe.capture import find_blocks, text_config
+from kdpipe.modelio import DTYPES, TeacherSource, load_teacher, resolve_teacher  # noqa: F401  (re-exported)
 from kdpipe.errors import UserError
 from kdpipe.storage.fingerprint import config_fingerprint, vocab_fingerprint
 from kdpipe.storage.manifest import TeacherInfo, TokenizerInfo
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class TeacherSource:
-    """Where a teacher's weights are: a Hugging Face model directory, or a directory plus a GGUF file."""
-    directory: Path
-    gguf_file: str | None = None
-
-    @property
-    def name(self) -> str:
-        return str(self.directory / self.gguf_file) if self.gguf_file else str(self.directory)
-
-    def load_kwargs(self) -> dict[str, Any]:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
-
-
-def resolve_teacher(path: str) -> TeacherSource:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"teacher {path} does not exist: pass --teacher a model directory (config.json + "
-                        f"weights) or a .gguf file")
-    if p.is_file():
-        if p.suffix != ".gguf":
-            raise UserError(f"teacher {path} is a file but not a .gguf: pass the model's directory instead")
-        return TeacherSource(p.parent, p.name)
-    if not (p / "config.json").exists():
-        raise UserError(f"teacher {path} is not a model directory (no config.json): pass the directory that "
-                        f"save_pretrained wrote")
-    return TeacherSource(p)
-
-
-def load_teacher(source: TeacherSource, dtype: str = "float32", device: str = "cpu",
-                 trust_remote_code: bool = False) -> nn.Module:
-    """The model class named in its config (causal LM, masked LM...), in eval mode, weights safetensors-first."""
-    import transformers
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
-    kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **source.load_kwargs())
-    try:
-        config = transformers.AutoConfig.from_pretrained(source.directory, **kwargs)
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        if cls is None:
-            cls = transformers.AutoModelForCausalLM
-        model = cls.from_pretrained(source.directory, **kwargs)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load teacher {source.name}: {first}") from None
-    return model.to(device).eval()
-
 
 def load_tokenizer(path: str | None, source: TeacherSource, trust_remote_code: bool = False):
     import transformers
@@ -107,6 +54,7 @@ def describe_teacher(model: nn.Module, name: str, dtype: str) -> TeacherInfo:
         vocab_size=_rows(model.get_output_embeddings().weight),
         dtype=dtype,
         config_sha256=config_fingerprint(json.loads(cfg.to_json_string(use_diff=False))),
+        config=json.loads(model.config.to_json_string(use_diff=False)),
         max_positions=max_positions(model),
         causal=bool(getattr(attn, "is_causal", True)),
     )

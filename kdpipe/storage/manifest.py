@@ -32,6 +32,7 @@ class TeacherInfo:
     config_sha256: str
     max_positions: int | None = None
     causal: bool = True
+    config: dict[str, Any] = field(default_factory=dict)  # the full HF config: students of its shape need no teacher files
 
 
 @dataclass

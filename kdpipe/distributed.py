@@ -1,0 +1,33 @@
+"""Joining the process group that torchrun or the deepspeed launcher set up (or making a one-process one)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def distributed_env() -> tuple[int, int]:
+    """(rank, world size) from torchrun / the deepspeed launcher; (0, 1) when run alone."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_process_group(device: str) -> None:
+    """Join (or, alone, create) the process group; gloo on CPU, nccl on GPUs."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend=backend)

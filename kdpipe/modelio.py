@@ -1,0 +1,65 @@
+"""Loading Hugging Face model weights: a model directory (safetensors first) or a GGUF file. Used by the
+teacher engines of stage 1 and by stage 2's teacher-layer initialization of students."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdpipe.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TeacherSource:
+    """Where a teacher's weights are: a Hugging Face model directory, or a directory plus a GGUF file."""
+    directory: Path
+    gguf_file: str | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.directory / self.gguf_file) if self.gguf_file else str(self.directory)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_teacher(path: str) -> TeacherSource:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"teacher {path} does not exist: pass --teacher a model directory (config.json + "
+                        f"weights) or a .gguf file")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise UserError(f"teacher {path} is a file but not a .gguf: pass the model's directory instead")
+        return TeacherSource(p.parent, p.name)
+    if not (p / "config.json").exists():
+        raise UserError(f"teacher {path} is not a model directory (no config.json): pass the directory that "
+                        f"save_pretrained wrote")
+    return TeacherSource(p)
+
+
+def load_teacher(source: TeacherSource, dtype: str = "float32", device: str = "cpu",
+                 trust_remote_code: bool = False) -> nn.Module:
+    """The model class named in its config (causal LM, masked LM...), in eval mode, weights safetensors-first."""
+    import transformers
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
+    kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **source.load_kwargs())
+    try:
+        config = transformers.AutoConfig.from_pretrained(source.directory, **kwargs)
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        if cls is None:
+            cls = transformers.AutoModelForCausalLM
+        model = cls.from_pretrained(source.directory, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load teacher {source.name}: {first}") from None
+    return model.to(device).eval()

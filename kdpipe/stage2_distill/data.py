@@ -1,0 +1,160 @@
+"""Batches for training, read from the teacher cache only.
+
+Only the signals and layers the chosen methods need are read. Work units (shards) are the unit of
+reading: units are shuffled per epoch, `buffer_units` of them are loaded whole and their sequences
+shuffled together, which keeps reads sequential and batches mixed. A background thread prefetches so
+the student never waits on decompression (blosc releases the GIL). The order of batches is a pure
+function of (seed, position), so a resumed run skips to where it was without reading what it skips.
+The held-out split is whole units, chosen by seed and recorded in the run.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from kdpipe.errors import UserError
+from kdpipe.stage2_distill.methods.base import Batch, Needs
+from kdpipe.storage.reader import TeacherCache
+
+
+@dataclass
+class Split:
+    train_units: list[int]
+    eval_units: list[int]
+
+    @classmethod
+    def choose(cls, cache: TeacherCache, eval_sequences: int, seed: int) -> "Split":
+        units = [u for u in range(cache.manifest.layout.num_units) if _unit_done(cache, u)]
+        per = cache.manifest.layout.sequences_per_unit
+        n_eval = min(len(units) - 1, -(-eval_sequences // per)) if eval_sequences > 0 else 0
+        if len(units) < 2 and eval_sequences > 0:
+            raise UserError(f"{cache.path} has {len(units)} work unit(s): too few to hold some out for evaluation; "
+                            f"use --eval-sequences 0 or extract more data")
+        order = np.random.default_rng([seed, 7]).permutation(units).tolist()
+        return cls(train_units=sorted(order[n_eval:]), eval_units=sorted(order[:n_eval]))
+
+
+def _unit_done(cache: TeacherCache, unit: int) -> bool:
+    return bool(cache.group["ledger/done"][unit])
+
+
+def merge_needs(needs: list[Needs]) -> Needs:
+    return Needs(topk=any(n.topk for n in needs), sampled=any(n.sampled for n in needs),
+                 hidden=sorted({layer for n in needs for layer in n.hidden}))
+
+
+class UnitReader:
+    """Reads the needed arrays of whole units and gathers batches from them."""
+
+    def __init__(self, cache: TeacherCache, needs: Needs):
+        self.cache, self.needs = cache, needs
+        self.per = cache.manifest.layout.sequences_per_unit
+
+    def read_units(self, units: list[int]) -> dict[str, np.ndarray]:
+        parts: dict[str, list[np.ndarray]] = {}
+        for unit in units:
+            index = slice(unit * self.per, min((unit + 1) * self.per, self.cache.num_sequences))
+            arrays = {"input_ids": self.cache.input_ids(index), "length": self.cache.lengths(index),
+                      "sequence_ids": np.arange(index.start, index.stop)}
+            if self.needs.topk:
+                arrays["topk_ids"], arrays["topk_logprobs"], arrays["logsumexp"] = self.cache.topk_logprobs(index)
+            if self.needs.sampled:
+                arrays["sampled_ids"], arrays["sampled_counts"] = self.cache.sampled(index)
+            for layer in self.needs.hidden:
+                arrays[f"hidden/{layer}"] = self.cache.hidden(layer, index)
+            for key, value in arrays.items():
+                parts.setdefault(key, []).append(value)
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+    @staticmethod
+    def batch(buffer: dict[str, np.ndarray], rows: np.ndarray) -> Batch:
+        pick = {k: torch.from_numpy(np.ascontiguousarray(v[rows])) for k, v in buffer.items()}
+        t = pick["input_ids"].shape[1]
+        return Batch(
+            input_ids=pick["input_ids"].long(),
+            mask=torch.arange(t)[None, :] < pick["length"][:, None],
+            topk_ids=pick.get("topk_ids"), topk_logprobs=pick.get("topk_logprobs"), logsumexp=pick.get("logsumexp"),
+            sampled_ids=pick.get("sampled_ids"), sampled_counts=pick.get("sampled_counts"),
+            hidden={int(k.split("/")[1]): v for k, v in pick.items() if k.startswith("hidden/")},
+            sequence_ids=pick["sequence_ids"],
+        )
+
+
+def plan(units: list[int], per_unit: int, num_sequences: int, batch_size: int, buffer_units: int,
+         seed: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    """Endless (units of the buffer, row indices within the buffer) per batch; deterministic in seed."""
+    if not units:
+        raise UserError("no complete work units to train on")
+    sizes = {u: min(per_unit, num_sequences - u * per_unit) for u in units}
+    if sum(sizes.values()) < batch_size:
+        raise UserError(f"--batch-size {batch_size} is larger than the {sum(sizes.values())} training sequences")
+    epoch = 0
+    while True:
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(units).tolist()
+        for g in range(0, len(order), buffer_units):
+            group = tuple(order[g:g + buffer_units])
+            rows = rng.permutation(sum(sizes[u] for u in group))
+            for b in range(0, len(rows) - batch_size + 1, batch_size):
+                yield group, rows[b:b + batch_size]
+        epoch += 1
+
+
+class TrainBatches:
+    """Prefetched training batches from position `skip` on: iterate to get `Batch`es."""
+
+    def __init__(self, cache: TeacherCache, needs: Needs, units: list[int], batch_size: int, seed: int,
+                 buffer_units: int = 4, skip: int = 0, prefetch: int = 4):
+        self.reader = UnitReader(cache, needs)
+        self._plan = plan(units, self.reader.per, cache.num_sequences, batch_size, buffer_units, seed)
+        for _ in range(skip):
+            next(self._plan)
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="kdpipe-reader", daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        group, buffer = None, None
+        try:
+            for units, rows in self._plan:
+                if self._stop.is_set():
+                    return
+                if units != group:
+                    group, buffer = units, self.reader.read_units(list(units))
+                self._queue.put(self.reader.batch(buffer, rows))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._queue.put(exc)
+
+    def __iter__(self) -> "TrainBatches":
+        return self
+
+    def __next__(self) -> Batch:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                self._thread.join(timeout=0.05)
+
+
+def eval_batches(cache: TeacherCache, needs: Needs, units: list[int], batch_size: int) -> Iterator[Batch]:
+    """The held-out units in order, in batches (the last one may be smaller)."""
+    reader = UnitReader(cache, needs)
+    for g in range(0, len(units), 4):
+        buffer = reader.read_units(units[g:g + 4])
+        n = len(buffer["input_ids"])
+        for b in range(0, n, batch_size):
+            yield reader.batch(buffer, np.arange(b, min(n, b + batch_size)))

@@ -1,0 +1,160 @@
+"""The method registry: what a distillation method declares, and how methods are chosen from the CLI.
+
+A method (GKD's shape) declares what the teacher must expose (signals and layers, checked against the
+cache manifest before any training), what the student must expose (which of its layers to capture),
+its hyper-parameters with defaults, any trainable parts of its own (it is an `nn.Module`), and a loss
+over the batch and the student's outputs. A new method is one new file with a `@register` class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from kdpipe.errors import UserError
+from kdpipe.storage.manifest import Manifest, TeacherInfo
+
+
+@dataclass
+class Batch:
+    """One training batch read from the cache (teacher signals as float32 / int64 tensors)."""
+    input_ids: torch.Tensor  # [B, T]
+    mask: torch.Tensor  # [B, T] bool: real tokens
+    topk_ids: torch.Tensor | None = None  # [B, T, k]
+    topk_logprobs: torch.Tensor | None = None  # [B, T, k], at T=1
+    logsumexp: torch.Tensor | None = None  # [B, T, n_temps]
+    sampled_ids: torch.Tensor | None = None
+    sampled_counts: torch.Tensor | None = None
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> [B, T, H]
+    sequence_ids: torch.Tensor | None = None
+
+    def to(self, device) -> "Batch":
+        moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items() if k != "hidden"}
+        return Batch(**moved, hidden={k: v.to(device) for k, v in self.hidden.items()})
+
+
+@dataclass
+class StudentOutput:
+    logits: torch.Tensor  # [B, T, V]
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # student layer -> [B, T, H_s]
+
+
+@dataclass
+class Context:
+    """What a method may know when it is built: the cache's teacher, the student, the run."""
+    teacher: TeacherInfo
+    temperatures: list[float]
+    student_layers: int
+    student_hidden: int
+    total_steps: int
+    student_pretrained: bool = False
+
+
+@dataclass
+class Needs:
+    """Teacher signals a method reads from the cache."""
+    topk: bool = False
+    temperatures: list[float] = field(default_factory=list)
+    sampled: bool = False
+    hidden: list[int] = field(default_factory=list)
+
+    def missing(self, m: Manifest) -> list[str]:
+        """The `kdpipe extract` flags that would add what the cache lacks (empty: all present)."""
+        s, flags = m.signals, []
+        temps = [t for t in self.temperatures if not any(abs(t - x) < 1e-9 for x in s.temperatures)]
+        if temps:
+            wanted = sorted(set(s.temperatures) | set(temps))
+            flags.append(f"--temperatures {','.join(f'{t:g}' for t in wanted)}")
+        if self.sampled and not s.sample_count:
+            flags.append("--sample-count 32")
+        hidden = sorted(set(self.hidden) - set(s.hidden_layers))
+        if hidden:
+            flags.append(f"--hidden-layers {','.join(str(x) for x in sorted(set(self.hidden) | set(s.hidden_layers)))}")
+        return flags
+
+
+class Method(nn.Module):
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, params: dict[str, Any], ctx: Context):
+        super().__init__()
+        unknown = set(params) - set(self.defaults) - {"weight"}
+        if unknown:
+            raise UserError(f"method {self.name} has no setting {sorted(unknown)[0]!r} (it has: "
+                            f"{', '.join(['weight', *self.defaults])})")
+        self.params = {**self.defaults, **params}
+        self.weight = float(params.get("weight", 1.0))
+        self.ctx = ctx
+
+    def needs(self) -> Needs:
+        return Needs()
+
+    def student_layers(self) -> list[int]:
+        """Student hidden layers this method reads (same numbering as the cache's)."""
+        return []
+
+    def loss(self, batch: Batch, out: StudentOutput, step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """'kd:weight=1,temperature=2' -> ('kd', {'weight': 1, 'temperature': 2})."""
+    name, _, rest = spec.partition(":")
+    name = name.strip().lower().replace("-", "_")
+    params: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise UserError(f"bad method setting {item!r} in {spec!r}: use name:key=value,key=value")
+        params[key.strip().replace("-", "_")] = _value(value.strip())
+    return name, params
+
+
+def build_methods(specs: list[str], ctx: Context) -> list[Method]:
+    from kdpipe.stage2_distill.methods import catalog
+
+    methods = []
+    for spec in specs:
+        name, params = parse_method(spec)
+        if name not in METHODS:
+            planned = catalog.status(name)
+            hint = f"{name} is {planned}" if planned else f"no method {name!r}"
+            raise UserError(f"{hint}: `kdpipe methods` lists the methods available")
+        methods.append(METHODS[name](params, ctx))
+    if not methods:
+        raise UserError("no --method given: e.g. --method kd or --method kd:temperature=2 --method lm:weight=0.5")
+    return methods
+
+
+def check_needs(methods: list[Method], manifest: Manifest, cache_path: str) -> None:
+    """Before the first step: every method's teacher signals must be in the cache."""
+    for method in methods:
+        missing = method.needs().missing(manifest)
+        if missing:
+            raise UserError(f"method {method.name} needs teacher signals that {cache_path} lacks: re-extract with "
+                            f"`kdpipe extract {' '.join(missing)} ...` (same --teacher and --data)")

@@ -1,0 +1,57 @@
+"""KD: Hinton, Vinyals, Dean 2015, "Distilling the Knowledge in a Neural Network".
+
+Soft-target loss T^2 * KL(p_T || q_T) between the teacher's and the student's distributions at
+temperature T. From a top-k cache the KL is estimated one of three ways (`estimator`):
+`bucket` (default): exact (k+1)-bucket KL, the stored top-k plus the known tail mass;
+`renorm`: KL of both renormalized over the top-k (what most tools do; biased);
+`sampled`: cross-entropy against m draws from the teacher (unbiased; needs --sample-count).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdpipe.errors import UserError
+from kdpipe.stage2_distill.losses import bucket_kl, renormalized_topk_kl, sampled_cross_entropy, teacher_logprobs
+from kdpipe.stage2_distill.methods.base import Batch, Context, Method, Needs, StudentOutput, register
+
+ESTIMATORS = ("bucket", "renorm", "sampled")
+
+
+def temperature_index(ctx: Context, temperature: float) -> int:
+    for i, t in enumerate(ctx.temperatures):
+        if abs(t - temperature) < 1e-9:
+            return i
+    return -1  # reported by Needs.missing before training starts
+
+
+def soft_loss(batch: Batch, out: StudentOutput, ctx: Context, temperature: float, estimator: str) -> torch.Tensor:
+    """KL(p_T || q_T) by the chosen estimator (without the T^2 factor)."""
+    if estimator == "sampled":
+        return sampled_cross_entropy(out.logits, batch.sampled_ids, batch.sampled_counts, temperature, batch.mask)
+    i = temperature_index(ctx, temperature)
+    t_logp = teacher_logprobs(batch.topk_logprobs, batch.logsumexp[..., 0], batch.logsumexp[..., i], temperature)
+    loss = bucket_kl if estimator == "bucket" else renormalized_topk_kl
+    return loss(out.logits, batch.topk_ids, t_logp, temperature, batch.mask)
+
+
+def soft_needs(temperature: float, estimator: str) -> Needs:
+    if estimator not in ESTIMATORS:
+        raise UserError(f"estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
+    if estimator == "sampled":
+        return Needs(sampled=True)
+    return Needs(topk=True, temperatures=[temperature])
+
+
+@register
+class KD(Method):
+    name = "kd"
+    paper = "Hinton et al. 2015"
+    defaults = {"temperature": 1.0, "estimator": "bucket"}
+
+    def needs(self) -> Needs:
+        return soft_needs(self.params["temperature"], self.params["estimator"])
+
+    def loss(self, batch: Batch, out: StudentOutput, step: int) -> dict[str, torch.Tensor]:
+        t = float(self.params["temperature"])
+        return {"kd": t * t * soft_loss(batch, out, self.ctx, t, self.params["estimator"])}

@@ -1,0 +1,135 @@
+"""Building the student: from a config file, a preset of the teacher's shape, a pretrained directory, or
+initialized from chosen teacher layers (DistilBERT-style, reading the teacher's weights once)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdpipe.capture import find_blocks, text_config
+from kdpipe.errors import UserError
+from kdpipe.stage2_distill.layermap import map_layers
+from kdpipe.storage.manifest import TeacherInfo
+
+
+@dataclass
+class Student:
+    model: nn.Module
+    description: str
+    pretrained: bool
+
+
+def _preset_config(teacher: TeacherInfo, overrides: dict[str, str]):
+    """The teacher's config with fewer layers or a smaller width; head size is kept, heads follow width."""
+    import transformers
+
+    if not teacher.config:
+        raise UserError("this cache does not record the teacher's config: pass --student a config.json instead")
+    raw = {k: v for k, v in teacher.config.items() if k not in ("quantization_config", "_name_or_path")}
+    config = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
+    known = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
+             "kv_heads": "num_key_value_heads", "intermediate": "intermediate_size"}
+    unknown = set(overrides) - set(known)
+    if unknown:
+        raise UserError(f"unknown student preset key {sorted(unknown)[0]!r}: use {', '.join(known)}")
+    try:
+        values = {k: int(v) for k, v in overrides.items()}
+    except ValueError:
+        raise UserError(f"student preset values must be integers: {overrides}") from None
+    if "hidden" in values:
+        width = values["hidden"]
+        heads = values.get("heads") or max(1, width // teacher.head_dim)
+        if width % heads:
+            raise UserError(f"student hidden size {width} is not divisible by {heads} heads: set heads=")
+        values["heads"] = heads
+        kv = values.get("kv_heads") or max(1, heads * teacher.num_kv_heads // teacher.num_heads)
+        while heads % kv:
+            kv -= 1
+        values["kv_heads"] = kv
+        if "intermediate" not in values and getattr(config, "intermediate_size", None):
+            values["intermediate"] = max(1, config.intermediate_size * width // teacher.hidden_size)
+        if hasattr(config, "head_dim"):
+            config.head_dim = width // heads
+    for key, value in values.items():
+        if key == "kv_heads" and not hasattr(config, "num_key_value_heads"):
+            continue
+        setattr(config, known[key], value)
+    return config
+
+
+def build_student(spec: str, teacher: TeacherInfo, seed: int, init_from_teacher: str | None = None,
+                  layer_map: str = "uniform", trust_remote_code: bool = False) -> Student:
+    """`teacher:layers=6,hidden=256` | path/to/config.json | pretrained directory."""
+    import transformers
+
+    torch.manual_seed(seed)
+    pretrained = False
+    if spec == "teacher" or spec.startswith("teacher:"):
+        overrides = dict(item.split("=", 1) for item in spec.partition(":")[2].split(",") if "=" in item)
+        config = _preset_config(teacher, overrides)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        what = f"teacher-shaped ({config.num_hidden_layers} layers, hidden {config.hidden_size})"
+    elif spec.endswith(".json"):
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"student config {spec} does not exist")
+        raw = json.loads(path.read_text())
+        if "model_type" not in raw:
+            raise UserError(f"student config {spec} has no model_type")
+        config = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        what = f"from config {spec}"
+    else:
+        path = Path(spec)
+        if not (path / "config.json").exists():
+            raise UserError(f"--student {spec} is neither teacher:key=value, a config .json, nor a model directory")
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+        pretrained = True
+        what = f"pretrained {spec}"
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if vocab != teacher.vocab_size:
+        raise UserError(f"the student's vocabulary has {vocab} entries but the teacher's has {teacher.vocab_size}: "
+                        f"logit distillation needs the same tokenizer and vocabulary size")
+    if init_from_teacher:
+        what += ", " + init_from_teacher_layers(model, init_from_teacher, layer_map)
+        pretrained = True
+    return Student(model=model, description=what, pretrained=pretrained)
+
+
+def init_from_teacher_layers(student: nn.Module, teacher_path: str, layer_map: str) -> str:
+    """Copy the teacher's embeddings, final norm, head, and the blocks the layer map picks (DistilBERT
+    takes every other layer). Reads the teacher's weights once; the teacher never runs."""
+    from kdpipe.modelio import load_teacher, resolve_teacher
+
+    teacher = load_teacher(resolve_teacher(teacher_path))
+    if text_config(teacher).hidden_size != text_config(student).hidden_size:
+        raise UserError("--init-from-teacher needs the student's hidden size equal to the teacher's")
+    t_blocks, s_blocks = find_blocks(teacher), find_blocks(student)
+    pairs = map_layers(layer_map, len(s_blocks), len(t_blocks))
+    t_prefix = {id(m): n for n, m in teacher.named_modules()}
+    block_names = {t_prefix[id(b)] for b in t_blocks}
+    t_state = teacher.state_dict()
+    s_state = student.state_dict()
+    copied = 0
+    for name, tensor in t_state.items():  # everything outside the blocks: embeddings, norms, head
+        if not any(name.startswith(b + ".") for b in block_names) and name in s_state \
+                and s_state[name].shape == tensor.shape:
+            s_state[name] = tensor.clone()
+            copied += 1
+    s_prefix = {id(m): n for n, m in student.named_modules()}
+    for s_layer, t_layer in pairs:
+        if s_layer == 0 or t_layer == 0:
+            continue
+        sp, tp = s_prefix[id(s_blocks[s_layer - 1])], t_prefix[id(t_blocks[t_layer - 1])]
+        for name, tensor in t_state.items():
+            if name.startswith(tp + "."):
+                target = sp + name[len(tp):]
+                if target in s_state and s_state[target].shape == tensor.shape:
+                    s_state[target] = tensor.clone()
+                    copied += 1
+    student.load_state_dict(s_state)
+    return f"initialized from teacher layers {[t for _, t in pairs]} ({copied} tensors)"

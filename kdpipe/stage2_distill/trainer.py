@@ -1,0 +1,237 @@
+"""`kdpipe distill`: train a student from the teacher cache alone.
+
+AdamW, linear warmup then cosine decay, gradient accumulation, clipping, bf16 autocast where the device
+has it, optional DeepSpeed ZeRO for the student, checkpoints and exact resume, held-out evaluation,
+metrics as JSONL, and the student saved with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from kdpipe.capture import Capture, text_config
+from kdpipe.errors import UserError
+from kdpipe.stage2_distill import checkpoint
+from kdpipe.stage2_distill.data import Split, TrainBatches, eval_batches, merge_needs
+from kdpipe.stage2_distill.evaluate import evaluate
+from kdpipe.stage2_distill.methods import Context, StudentOutput
+from kdpipe.stage2_distill.methods.base import Needs, build_methods, check_needs
+from kdpipe.stage2_distill.student import build_student
+from kdpipe.storage.reader import TeacherCache
+
+
+@dataclass
+class DistillConfig:
+    cache: list[str]
+    student: str
+    out: str
+    method: list[str] = field(default_factory=lambda: ["kd"])
+    init_from_teacher: str | None = None
+    layer_map: str = "uniform"
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.05  # fraction of steps (< 1) or a number of steps
+    min_lr_ratio: float = 0.1
+    clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 0  # 0: only at the end
+    eval_sequences: int = 64
+    save_every: int = 0  # 0: only at the end
+    resume: bool = False
+    deepspeed: str | None = None
+    device: str = "cpu"
+    precision: str = "auto"  # auto | fp32 | bf16
+    allow_partial: bool = False
+    buffer_units: int = 4
+    trust_remote_code: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class DistillResult:
+    out: str
+    steps: int
+    final: dict[str, float]
+    initial: dict[str, float]
+    seconds: float
+    tokens_per_second: float
+
+
+def lr_lambda(cfg: DistillConfig):
+    warmup = int(cfg.warmup * cfg.steps) if cfg.warmup < 1 else int(cfg.warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, cfg.steps - warmup)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _autocast(cfg: DistillConfig, device: torch.device):
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
+                                       and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def distill(cfg: DistillConfig) -> DistillResult:
+    if len(cfg.cache) != 1:
+        raise UserError("one --cache for now: several teachers come with the multi-teacher methods")
+    if cfg.steps <= 0 or cfg.batch_size <= 0 or cfg.grad_accum <= 0:
+        raise UserError("--steps, --batch-size and --grad-accum must be positive")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
+    cache = TeacherCache(cfg.cache[0], allow_partial=cfg.allow_partial)
+    m = cache.manifest
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    if out.exists() and any(out.iterdir()) and not cfg.resume:
+        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    device = torch.device(cfg.device)
+
+    student = build_student(cfg.student, m.teacher, cfg.seed, cfg.init_from_teacher, cfg.layer_map,
+                            cfg.trust_remote_code)
+    model = student.model.to(device)
+    scfg = text_config(model)
+    ctx = Context(teacher=m.teacher, temperatures=m.signals.temperatures, student_layers=scfg.num_hidden_layers,
+                  student_hidden=scfg.hidden_size, total_steps=cfg.steps, student_pretrained=student.pretrained)
+    methods = build_methods(cfg.method, ctx)
+    check_needs(methods, m, cache.path)
+    for method in methods:
+        method.to(device)
+    needs = merge_needs([mt.needs() for mt in methods] + [Needs(topk=True)])  # eval reads the top-k too
+    student_layers = sorted({layer for mt in methods for layer in mt.student_layers()})
+
+    split = Split.choose(cache, cfg.eval_sequences, cfg.seed)
+    params = [p for p in model.parameters()] + [p for mt in methods for p in mt.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine = None
+    if cfg.deepspeed:
+        from kdpipe.stage2_distill.zero import wrap_student
+
+        engine = wrap_student(model, optimizer, cfg.deepspeed, cfg.batch_size, cfg.grad_accum, cfg.clip, cfg.device)
+
+    start = _restore(ckpt_dir, model, methods, optimizer, scheduler, engine, split) if cfg.resume else 0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({"config": asdict(cfg), "split": asdict(split), "student":
+                                              student.description, "cache_fingerprint": m.data.fingerprint}, indent=2))
+
+    padded = m.data.packing == "padded"
+    evaluate_now = lambda: evaluate(model, eval_batches(cache, needs, split.eval_units, cfg.batch_size), device, padded)  # noqa: E731
+    initial = evaluate_now() if split.eval_units and start == 0 else {}
+    metrics = open(out / "metrics.jsonl", "a")
+    if initial:
+        metrics.write(json.dumps({"step": 0, **initial}) + "\n")
+    batches = TrainBatches(cache, needs, split.train_units, cfg.batch_size, cfg.seed, cfg.buffer_units,
+                           skip=start * cfg.grad_accum)
+    bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=cfg.quiet, dynamic_ncols=True)
+    tokens = 0
+    t0 = time.perf_counter()
+    final = dict(initial)
+    try:
+        for step in range(start, cfg.steps):
+            model.train()
+            terms_sum: dict[str, float] = {}
+            for _ in range(cfg.grad_accum):
+                batch = next(batches).to(device)
+                with _autocast(cfg, device), Capture(model, student_layers, detach=False) as cap:
+                    logits = model(input_ids=batch.input_ids, attention_mask=batch.mask.long() if padded else None,
+                                   use_cache=False).logits
+                    outputs = StudentOutput(logits=logits, hidden=dict(cap.hidden))
+                    terms = {f"{mt.name}/{k}": mt.weight * v for mt in methods
+                             for k, v in mt.loss(batch, outputs, step).items()}
+                    loss = sum(terms.values())
+                if engine is not None:  # DeepSpeed scales by 1 / grad_accum and steps at the boundary itself
+                    engine.backward(loss)
+                    engine.step()
+                else:
+                    (loss / cfg.grad_accum).backward()
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + v.item() / cfg.grad_accum
+                tokens += int(batch.mask.sum())
+            if engine is None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                grad_norm = float(engine.get_global_grad_norm() or 0.0)
+            scheduler.step()
+            elapsed = time.perf_counter() - t0
+            record = {"step": step + 1, "loss": sum(terms_sum.values()), **terms_sum, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": grad_norm, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+            if split.eval_units and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
+                final = evaluate_now()
+                record.update(final)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in terms_sum.items()} |
+                            {"tok/s": f"{record['tokens_per_s']:.0f}"})
+            bar.update(1)
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+                _save(ckpt_dir, step + 1, model, methods, optimizer, scheduler, engine, split)
+    finally:
+        bar.close()
+        batches.close()
+        metrics.close()
+    seconds = time.perf_counter() - t0
+    _save_student(model, engine, out / "student")
+    (out / "final.json").write_text(json.dumps({"initial": initial, "final": final}, indent=2))
+    return DistillResult(str(out), cfg.steps, final, initial, seconds, tokens / max(seconds, 1e-9))
+
+
+def _save(directory: Path, step: int, model, methods, optimizer, scheduler, engine, split: Split) -> None:
+    state = {"methods": [mt.state_dict() for mt in methods], "scheduler": scheduler.state_dict(),
+             "split": asdict(split)}
+    if engine is not None:  # ZeRO partitions the optimizer (and, at stage 3, the model): DeepSpeed saves them
+        engine.save_checkpoint(str(directory), tag=f"step_{step:07d}",
+                               client_state={**state, "step": step, "rng": torch.get_rng_state()})
+        return
+    checkpoint.save(directory, step, {**state, "student": model.state_dict(), "optimizer": optimizer.state_dict()})
+
+
+def _restore(directory: Path, model, methods, optimizer, scheduler, engine, split: Split) -> int:
+    """Load the latest checkpoint; return the step it was taken at (0 when there is none)."""
+    if engine is not None:
+        if not (directory / "latest").exists():
+            return 0
+        _, state = engine.load_checkpoint(str(directory))
+        torch.set_rng_state(state["rng"])
+    else:
+        latest = checkpoint.latest(directory)
+        if latest is None:
+            return 0
+        state = checkpoint.load(latest)
+        model.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+    if state["split"] != asdict(split):
+        raise UserError(f"the checkpoint in {directory} was trained on another train/eval split: use the same "
+                        f"--seed, --eval-sequences and cache")
+    for mt, sd in zip(methods, state["methods"]):
+        mt.load_state_dict(sd)
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
+def _save_student(model, engine, path: Path) -> None:
+    """save_pretrained, with ZeRO-3's partitioned parameters gathered first."""
+    if engine is not None and engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+            if engine.global_rank == 0:
+                model.save_pretrained(path, state_dict={k: v.clone() for k, v in model.state_dict().items()})
+        return
+    if engine is None or engine.global_rank == 0:
+        model.save_pretrained(path)
