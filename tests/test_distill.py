@@ -103,7 +103,7 @@ def test_missing_signals_name_the_extract_flags(sharp, corpus, tmp_path):
     bare = tmp_path / "bare"
     extract(ExtractConfig(teacher=str(teacher), data=[str(corpus)], out=str(bare), seq_len=32, top_k=8,
                           temperatures=[1.0], sequences_per_unit=4, quiet=True))
-    cases = [("distilbert", "--temperatures 1,2"), ("distilbert:temperature=1", "--hidden-layers 3"),
+    cases = [("distilbert", r"--temperatures 1,2 \(temperature 2 is not stored; stored: 1\)"), ("distilbert:temperature=1", "--hidden-layers 3"),
              ("kd:estimator=sampled", "--sample-count"), ("kd:temperature=3", "--temperatures 1,3")]
     for method, flag in cases:
         with pytest.raises(UserError, match=f"method {method.split(':')[0]} needs.*{flag}"):
@@ -177,6 +177,13 @@ def test_distill_cli_and_user_errors(sharp, tmp_path):
                       "vocabulary has 500 entries but the teacher's has")
     assert_user_error(kdpipe("distill", "--cache", cache, "--student", "teacher:depth=2", "--out", tmp_path / "z"),
                       "unknown student preset key 'depth'")
+    config = tmp_path / "distill.toml"
+    config.write_text(f'[distill]\ncache = "{cache}"\nstudent = "teacher:layers=1"\nmethod = ["kd:temperature=2", '
+                      f'"lm:weight=0.5"]\nsteps = 2\nbatch-size = 4\neval-sequences = 8\nquiet = true\n')
+    from_file = kdpipe("distill", "--config", config, "--out", tmp_path / "from_toml", "--steps", "3")
+    assert from_file.exit_code == 0, from_file.output
+    lines = (tmp_path / "from_toml" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 3 and "lm/lm" in json.loads(lines[-1])
     listed = kdpipe("methods", "--json")
     rows = json.loads(listed.stdout)
     assert len([r for r in rows if r["method"] != "lm"]) == 25
@@ -205,3 +212,16 @@ def test_zero_student_training_matches_plain_training(sharp, tmp_path):
         assert final == pytest.approx(plain, rel=1e-4)
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(out / "student")
         assert reloaded.config.num_hidden_layers == 2
+    # resume under ZeRO from the step-6 checkpoint (DeepSpeed's own format) reaches the same student
+    ckpts = tmp_path / "zero2" / "checkpoints"
+    shutil.rmtree(ckpts / "step_0000012")
+    (ckpts / "latest").write_text("step_0000006")
+    shutil.rmtree(tmp_path / "zero2" / "student")
+    proc = subprocess.run([sys.executable, "-m", "kdpipe.cli", "distill", *args, "--out", str(tmp_path / "zero2"),
+                           "--deepspeed", str(tmp_path / "ds2.json"), "--resume"], env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain" / "student").state_dict()
+    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "zero2" / "student").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)

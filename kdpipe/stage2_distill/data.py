@@ -106,11 +106,13 @@ def plan(units: list[int], per_unit: int, num_sequences: int, batch_size: int, b
         epoch += 1
 
 
-class TrainBatches:
-    """Prefetched training batches from position `skip` on: iterate to get `Batch`es."""
+class TrainBatches(torch.utils.data.IterableDataset):
+    """Prefetched training batches from position `skip` on: iterate to get `Batch`es (a torch
+    IterableDataset that batches itself: use it directly, or in a DataLoader with batch_size=None)."""
 
     def __init__(self, cache: TeacherCache, needs: Needs, units: list[int], batch_size: int, seed: int,
                  buffer_units: int = 4, skip: int = 0, prefetch: int = 4):
+        super().__init__()
         self.reader = UnitReader(cache, needs)
         self._plan = plan(units, self.reader.per, cache.num_sequences, batch_size, buffer_units, seed)
         for _ in range(skip):

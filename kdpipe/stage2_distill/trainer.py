@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from kdpipe.capture import Capture, text_config
+from kdpipe.distributed import distributed_env
 from kdpipe.errors import UserError
 from kdpipe.stage2_distill import checkpoint
 from kdpipe.stage2_distill.data import Split, TrainBatches, eval_batches, merge_needs
@@ -110,10 +111,9 @@ def distill(cfg: DistillConfig) -> DistillResult:
     check_needs(methods, m, cache.path)
     for method in methods:
         method.to(device)
-    needs = merge_needs([mt.needs() for mt in methods] + [Needs(topk=True)])  # eval reads the top-k too
-    student_layers = sorted({layer for mt in methods for layer in mt.student_layers()})
-
     split = Split.choose(cache, cfg.eval_sequences, cfg.seed)
+    needs = merge_needs([mt.needs() for mt in methods] + [Needs(topk=bool(split.eval_units))])  # eval reads top-k
+    student_layers = sorted({layer for mt in methods for layer in mt.student_layers()})
     params = [p for p in model.parameters()] + [p for mt in methods for p in mt.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -131,11 +131,15 @@ def distill(cfg: DistillConfig) -> DistillResult:
     padded = m.data.packing == "padded"
     evaluate_now = lambda: evaluate(model, eval_batches(cache, needs, split.eval_units, cfg.batch_size), device, padded)  # noqa: E731
     initial = evaluate_now() if split.eval_units and start == 0 else {}
-    metrics = open(out / "metrics.jsonl", "a")
+    rank, world = distributed_env()
+    metrics = open(out / ("metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl"), "a")
     if initial:
         metrics.write(json.dumps({"step": 0, **initial}) + "\n")
-    batches = TrainBatches(cache, needs, split.train_units, cfg.batch_size, cfg.seed, cfg.buffer_units,
-                           skip=start * cfg.grad_accum)
+    if world > 1 and len(split.train_units) < world:
+        raise UserError(f"{len(split.train_units)} training units cannot be split over {world} ranks: extract with "
+                        f"a smaller --sequences-per-unit")
+    batches = TrainBatches(cache, needs, split.train_units[rank::world], cfg.batch_size, cfg.seed, cfg.buffer_units,
+                           skip=start * cfg.grad_accum)  # each rank reads its own units
     bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=cfg.quiet, dynamic_ncols=True)
     tokens = 0
     t0 = time.perf_counter()

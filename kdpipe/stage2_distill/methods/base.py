@@ -67,7 +67,9 @@ class Needs:
         temps = [t for t in self.temperatures if not any(abs(t - x) < 1e-9 for x in s.temperatures)]
         if temps:
             wanted = sorted(set(s.temperatures) | set(temps))
-            flags.append(f"--temperatures {','.join(f'{t:g}' for t in wanted)}")
+            stored = ", ".join(f"{t:g}" for t in s.temperatures)
+            flags.append(f"--temperatures {','.join(f'{t:g}' for t in wanted)} (temperature "
+                         f"{', '.join(f'{t:g}' for t in temps)} is not stored; stored: {stored})")
         if self.sampled and not s.sample_count:
             flags.append("--sample-count 32")
         hidden = sorted(set(self.hidden) - set(s.hidden_layers))
