@@ -134,7 +134,7 @@ def main() -> None:
         blocks = torch.from_numpy(TeacherCache(work / "tokens").input_ids()).long()
         tokens = blocks.numel()
 
-        def bare() -> float:
+        def bare(model=model, blocks=blocks) -> float:
             start = time.perf_counter()
             with torch.inference_mode():
                 for b0 in range(0, len(blocks), args.batch_size):

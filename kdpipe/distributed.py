@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from pathlib import Path
+from typing import Any
 
 import torch
+
+from kdpipe.errors import UserError
 
 
 def distributed_env() -> tuple[int, int]:
@@ -31,3 +36,13 @@ def init_process_group(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend=backend)
+
+
+def read_deepspeed_json(path: str) -> dict[str, Any]:
+    """A user's DeepSpeed config file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"DeepSpeed config {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None

@@ -7,7 +7,6 @@ under ZeRO-3 each module's parameters are gathered by DeepSpeed's own hooks when
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -15,7 +14,7 @@ from typing import Any, Callable, TypeVar
 import torch
 from torch import nn
 
-from kdpipe.distributed import distributed_env, init_process_group
+from kdpipe.distributed import distributed_env, init_process_group, read_deepspeed_json
 from kdpipe.errors import UserError
 from kdpipe.modelio import DTYPES, TeacherSource, load_teacher
 
@@ -77,14 +76,7 @@ class Ranks:
 def deepspeed_config(dtype: str, offload: str, nvme_path: str | None, user_config: str | None,
                      largest_param: int) -> dict[str, Any]:
     """kdpipe's ZeRO-3 inference settings, under the user's JSON where it says otherwise."""
-    config: dict[str, Any] = {}
-    if user_config:
-        try:
-            config = json.loads(Path(user_config).read_text())
-        except FileNotFoundError:
-            raise UserError(f"DeepSpeed config {user_config} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise UserError(f"DeepSpeed config {user_config} is not valid JSON: {exc}") from None
+    config = read_deepspeed_json(user_config) if user_config else {}
     zero = config.setdefault("zero_optimization", {})
     if zero.setdefault("stage", 3) != 3:
         raise UserError(f"--engine deepspeed runs ZeRO stage 3 inference; {user_config} sets stage {zero['stage']}")

@@ -81,7 +81,6 @@ def export_gguf(source: TeacherSource, out: Path) -> Path:
     """Write a GGUF teacher as a safetensors model directory (with its tokenizer), so that engines that
     build the model themselves (DeepSpeed's zero.Init) can load it. transformers refuses to
     `save_pretrained` a GGUF-loaded model, so its weights go into a fresh model of the same config."""
-    import transformers
 
     model = load_teacher(source)
     fresh = type(model)(model.config)

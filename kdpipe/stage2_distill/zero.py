@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from kdpipe.distributed import init_process_group
-from kdpipe.errors import UserError
+from kdpipe.distributed import init_process_group, read_deepspeed_json
 
 
 def wrap_student(model: nn.Module, optimizer: torch.optim.Optimizer, config_path: str, micro_batch: int,
@@ -18,12 +14,7 @@ def wrap_student(model: nn.Module, optimizer: torch.optim.Optimizer, config_path
     `grad_accum` micro-batches itself, scales the loss, and clips."""
     import deepspeed
 
-    try:
-        config = json.loads(Path(config_path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"DeepSpeed config {config_path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"DeepSpeed config {config_path} is not valid JSON: {exc}") from None
+    config = read_deepspeed_json(config_path)
     config.setdefault("train_micro_batch_size_per_gpu", micro_batch)
     config.setdefault("gradient_accumulation_steps", grad_accum)
     config.setdefault("gradient_clipping", clip)

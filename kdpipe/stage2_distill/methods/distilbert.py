@@ -10,7 +10,6 @@ teacher's width (the paper keeps the width, so needs none).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
