@@ -164,14 +164,64 @@ def methods(as_json: bool) -> None:
 
 
 @cli.command()
+@click.option("--teacher", required=True, help="A config.json or model directory, or a size: llama-7b, llama-13b, "
+                                               "llama-70b, llama-100b, smollm2-135m (built on the meta device).")
+@click.option("--tokens", default="1e9", help="Corpus size in tokens.")
+@click.option("--seq-len", type=int, default=2048)
+@click.option("--batch-size", type=int, default=8, help="Sequences per forward, per GPU.")
+@click.option("--top-k", type=int, default=64)
+@click.option("--temperatures", default="1,2")
+@click.option("--sample-count", type=int, default=0)
+@click.option("--hidden-layers", default="none")
+@click.option("--attention-layers", default="none")
+@click.option("--attention-form", type=click.Choice(["probs", "factors"]), default="factors")
+@click.option("--gpus", type=int, default=1)
+@click.option("--gpu-memory", default="80GB", help="Memory per GPU.")
+@click.option("--gpu-tflops", type=float, default=300.0, help="Sustained dense TFLOP/s per GPU in --dtype.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16")
+@click.option("--offload", type=click.Choice(["none", "cpu", "nvme"]), default="none")
+@click.option("--bandwidth", default="25GB/s", help="Parameter streaming bandwidth per GPU (PCIe / NVMe read).")
+@click.option("--logit-rows", type=int, default=512)
+@click.option("--json", "as_json", is_flag=True)
+def plan(**opts) -> None:
+    """Memory, disk and time for an extraction, before it runs (exact where it can be; estimates marked)."""
+    from kdpipe.pipeline.plan import make_plan, parse_size
+
+    as_json = opts.pop("as_json")
+    result = make_plan(
+        opts["teacher"], float(opts["tokens"]), opts["seq_len"], opts["batch_size"], opts["top_k"],
+        len(_floats(opts["temperatures"])), opts["sample_count"], opts["hidden_layers"], opts["attention_layers"],
+        opts["attention_form"], opts["gpus"], parse_size(opts["gpu_memory"]), opts["dtype"], opts["offload"],
+        parse_size(opts["bandwidth"]), opts["gpu_tflops"] * 1e12, opts["logit_rows"])
+    click.echo(json.dumps(result.data, indent=2) if as_json else result.format())
+
+
+@cli.command()
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and array table as JSON.")
-def inspect(cache: str, as_json: bool) -> None:
+@click.option("--stats", is_flag=True, help="Teacher entropy and top-k mass over the whole cache (dask), to choose k.")
+@click.option("--plot", default=None, help="With --stats: write the distributions as a PNG here.")
+def inspect(cache: str, as_json: bool, stats: bool, plot: str | None) -> None:
     """Show a cache's manifest, arrays (shape, dtype, stored bytes, compression, bytes per token) and progress."""
     from kdpipe.pipeline.report import cache_summary, format_summary
 
+    if plot and not stats:
+        raise UserError("--plot draws the --stats distributions: add --stats")
     summary = cache_summary(cache)
-    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+    if stats:
+        from kdpipe.pipeline.stats import cache_stats, format_stats, plot_stats
+
+        summary["stats"] = cache_stats(cache)
+        if plot:
+            summary["stats"]["plot"] = plot_stats(summary["stats"], plot)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(format_summary(summary))
+    if stats:
+        click.echo("\n" + format_stats(summary["stats"]))
+        if plot:
+            click.echo(f"  plot: {plot}")
 
 
 @cli.command()
@@ -185,15 +235,17 @@ def verify(cache: str, repair: bool) -> None:
 
 
 @cli.command()
-@click.option("--out", default="demo-out", help="Where the demo writes its cache.")
-@click.option("--sequences", type=int, default=48, help="Sequences to extract.")
+@click.option("--out", default="demo-out", help="Where the demo writes its cache, student run, report and plot.")
+@click.option("--sequences", type=int, default=128, help="Sequences to extract.")
 @click.option("--seq-len", type=int, default=128)
+@click.option("--steps", type=int, default=150, help="Student training steps.")
 @click.option("--quiet", is_flag=True)
-def demo(out: str, sequences: int, seq_len: int, quiet: bool) -> None:
-    """Extract a teacher cache from the real SmolLM2-135M-Instruct over English text, then inspect and verify it."""
+def demo(out: str, sequences: int, seq_len: int, steps: int, quiet: bool) -> None:
+    """Extract a teacher cache from the real SmolLM2-135M-Instruct over Shakespeare's Sonnets, distill a
+    ~15M student from it, and report (offline; a few minutes on 2 CPU cores)."""
     from kdpipe.pipeline.demo import run_demo
 
-    run_demo(out, sequences, seq_len, quiet)
+    run_demo(out, sequences, seq_len, steps, quiet)
 
 
 def main() -> None:

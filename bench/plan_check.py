@@ -1,0 +1,74 @@
+"""`kdpipe plan` against a measured extraction on this machine: parameters and cache bytes must match
+exactly; time is an estimate, reported as the ratio measured / planned.
+
+    python bench/plan_check.py [--sequences 32] [--seq-len 256]
+
+The plan is given this machine's measured matmul throughput as its "GPU" FLOP/s and no offload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kdpipe.modelio import load_teacher, resolve_teacher
+from kdpipe.pipeline.demo import DEMO_CORPUS, smollm2_gguf
+from kdpipe.pipeline.plan import make_plan
+from kdpipe.pipeline.report import cache_summary
+from kdpipe.stage1_extract.extractor import ExtractConfig, extract
+from kdpipe.stage1_extract.teacher import load_tokenizer
+
+
+def matmul_flops(n: int = 1024, repeats: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sequences", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    args = ap.parse_args()
+    signals = dict(top_k=64, temperatures=[1.0, 2.0], sample_count=32, hidden_layers="uniform:3",
+                   attention_layers="last:2", attention_form="factors")
+
+    path = str(smollm2_gguf())
+    source = resolve_teacher(path)
+    model, tokenizer = load_teacher(source), load_tokenizer(None, source)
+    out = Path(tempfile.mkdtemp(prefix="kdpipe-plan-")) / "cache"
+    result = extract(ExtractConfig(teacher=path, data=[str(DEMO_CORPUS)], out=str(out), seq_len=args.seq_len,
+                                   batch_size=args.batch_size, max_sequences=args.sequences, quiet=True, **signals),
+                     model, tokenizer)
+    flops = matmul_flops()
+    tokens = args.sequences * args.seq_len
+    plan = make_plan("smollm2-135m", tokens, args.seq_len, args.batch_size, signals["top_k"], 2,
+                     signals["sample_count"], signals["hidden_layers"], signals["attention_layers"], "factors",
+                     gpus=1, gpu_memory=24e9, dtype="float32", offload="none", bandwidth=1e10, gpu_flops=flops,
+                     logit_rows=512).data
+
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    raw: dict[str, int] = {}
+    for a in cache_summary(str(out))["arrays"]:
+        group = a["name"].split("/")[0]
+        group = "logits" if group == "logits" else group
+        raw[group] = raw.get(group, 0) + a["raw_bytes"]
+    print(f"SmolLM2-135M, {args.sequences} x {args.seq_len} tokens, this CPU at {flops / 1e9:.0f} GFLOP/s (fp32 matmul)")
+    print(f"{'quantity':28} {'planned':>16} {'measured':>16} {'measured/planned':>17}")
+    rows = [("parameters", plan["params"], params), ("parameter bytes (fp32)", plan["param_bytes"], params * 4)]
+    rows += [(f"cache bytes: {k}", plan["cache_bytes"][k], raw[k]) for k in plan["cache_bytes"]]
+    rows += [("extraction seconds [estimate]", plan["total_seconds"], result.seconds)]
+    for name, planned, measured in rows:
+        print(f"{name:28} {planned:16,.1f} {measured:16,.1f} {measured / planned:17.3f}")
+
+
+if __name__ == "__main__":
+    main()

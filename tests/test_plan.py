@@ -1,0 +1,48 @@
+"""`kdpipe plan`: exact parameter and cache bytes against a real model and a real cache."""
+
+import json
+
+import numpy as np
+import transformers
+
+from kdpipe.pipeline.plan import make_plan, parse_size
+from kdpipe.pipeline.report import cache_summary
+from kdpipe.stage1_extract.extractor import ExtractConfig, extract
+from test_cli import assert_user_error, kdpipe
+
+
+def test_plan_bytes_equal_a_real_model_and_cache(teachers, corpus, tmp_path):
+    signals = dict(top_k=8, sample_count=4, hidden_layers="0,2", attention_layers="all", attention_form="factors")
+    extract(ExtractConfig(teacher=str(teachers["llama"]), data=[str(corpus)], out=str(tmp_path / "c"), seq_len=32,
+                          temperatures=[1.0, 2.0], quiet=True, **signals))
+    arrays = cache_summary(str(tmp_path / "c"))["arrays"]
+    n = json.loads(kdpipe("inspect", tmp_path / "c", "--json").stdout)["manifest"]["data"]["num_sequences"]
+    plan = make_plan(str(teachers["llama"]), n * 32, 32, 4, 8, 2, 4, "0,2", "all", "factors", 1, 80e9, "float32",
+                     "none", 25e9, 3e14, 512).data
+    model = transformers.AutoModelForCausalLM.from_pretrained(teachers["llama"])
+    assert plan["params"] == sum(p.numel() for p in model.parameters())
+    assert plan["param_bytes"] == 4 * plan["params"]
+    raw = {}
+    for a in arrays:
+        raw[a["name"].split("/")[0]] = raw.get(a["name"].split("/")[0], 0) + a["raw_bytes"]
+    for group in ("tokens", "logits", "sampled", "hidden", "attention"):
+        assert np.isclose(plan["cache_bytes"][group], raw[group], rtol=1e-12), group
+
+
+def test_plan_for_a_100b_teacher_says_whether_it_fits_and_why():
+    result = kdpipe("plan", "--teacher", "llama-100b", "--gpus", "8", "--gpu-memory", "40GB")
+    assert result.exit_code == 0, result.output
+    fits = next(line for line in result.stdout.splitlines() if line.startswith("fits"))
+    assert "needs" in fits and "of 40.00 GB" in fits and "[estimate]" in fits
+    small = kdpipe("plan", "--teacher", "llama-100b", "--gpus", "1", "--gpu-memory", "40GB")
+    assert "NO:" in small.stdout and "--offload cpu|nvme" in small.stdout
+    # one sequence per forward: streaming 194 GB of parameters per forward dominates; 8 sequences of 2048: compute
+    one = kdpipe("plan", "--teacher", "llama-100b", "--gpus", "1", "--gpu-memory", "40GB", "--offload", "nvme",
+                 "--batch-size", "1", "--json")
+    data = json.loads(one.stdout)
+    assert data["fits"] and data["bound"] == "parameter streaming"
+    eight = json.loads(kdpipe("plan", "--teacher", "llama-100b", "--offload", "nvme", "--json").stdout)
+    assert eight["bound"] == "compute"
+    assert 95e9 < data["params"] < 105e9
+    assert_user_error(kdpipe("plan", "--teacher", "gpt-5"), "not a config.json")
+    assert parse_size("40GB") == 40e9 and parse_size("25GB/s") == 25e9 and parse_size("2GiB") == 2 * 2**30
