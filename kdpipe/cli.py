@@ -75,7 +75,7 @@ def cli() -> None:
               help="Storage of attention probs.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               help="Teacher compute dtype.")
-@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
+@click.option("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (hf engine: device_map over the GPUs).")
 @click.option("--engine", type=click.Choice(["hf", "deepspeed"]), default="hf",
               help="hf: plain transformers; deepspeed: ZeRO-3 inference with parameters offloaded (ZeRO-Inference).")
 @click.option("--offload", type=click.Choice(["cpu", "nvme"]), default="cpu",

@@ -58,8 +58,10 @@ def load_teacher(source: TeacherSource, dtype: str = "float32", device: str = "c
         cls = getattr(transformers, arch, None) if arch else None
         if cls is None:
             cls = transformers.AutoModelForCausalLM
-        model = cls.from_pretrained(source.directory, **kwargs)
+        # device "auto": spread a model that fits over the visible GPUs (and CPU) with accelerate
+        placement = {"device_map": "auto"} if device == "auto" else {}
+        model = cls.from_pretrained(source.directory, **kwargs, **placement)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load teacher {source.name}: {first}") from None
-    return model.to(device).eval()
+    return (model if device == "auto" else model.to(device)).eval()

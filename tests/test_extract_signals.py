@@ -91,6 +91,13 @@ def test_padded_packing_stores_lengths_and_masks(teachers, corpus, tmp_path):
         np.testing.assert_allclose(probs[n, :, :L, :L], want[n, :, :L, :L], atol=2e-3)
 
 
+def test_device_map_auto_gives_the_same_cache(teachers, corpus, tmp_path):
+    a = run(teachers["llama"], corpus, tmp_path / "a")
+    b = run(teachers["llama"], corpus, tmp_path / "b", device="auto")
+    for x, y in zip(a.topk(), b.topk()):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_logit_slices_do_not_change_results(teachers, corpus, tmp_path):
     """Projecting 8 positions at a time (pieces of one sequence) equals projecting many sequences at once."""
     a = run(teachers["gpt2"], corpus, tmp_path / "a", logit_rows=8, sample_count=4)
