@@ -25,7 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       num_key_value_heads=40),
     "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                       num_key_value_heads=8),
-    "llama-100b": dict(hidden_size=9216, intermediate_size=32768, num_hidden_layers=88, num_attention_heads=72,
+    "llama-100b": dict(hidden_size=9216, intermediate_size=32768, num_hidden_layers=91, num_attention_heads=72,
                        num_key_value_heads=8),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192),
