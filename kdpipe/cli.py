@@ -60,7 +60,7 @@ def cli() -> None:
               help="packed: documents joined with EOS into full blocks; padded: one document per row, lengths stored.")
 @click.option("--batch-size", type=int, default=8, help="Sequences per teacher forward.")
 @click.option("--top-k", type=int, default=64, help="Logits kept per position.")
-@click.option("--temperatures", default="1", help="Temperatures whose full-vocabulary logsumexp is stored, e.g. 1,2.")
+@click.option("--temperatures", default="1,2", help="Temperatures whose full-vocabulary logsumexp is stored (1 always is).")
 @click.option("--sample-count", type=int, default=0, help="Draws per position from the teacher distribution (0: off).")
 @click.option("--sample-temperature", type=float, default=1.0, help="Temperature of the sampled draws.")
 @click.option("--seed", type=int, default=0, help="Seed of the sampled draws.")
@@ -146,6 +146,28 @@ def distill(**opts) -> None:
     summary = ", ".join(f"{k.split('/')[1]} {i.get(k, float('nan')):.4g} -> {v:.4g}" for k, v in f.items())
     click.echo(f"trained {result.steps} steps in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tokens/s); "
                f"held-out {summary}; student saved to {result.out}/student")
+
+
+@cli.command(name="eval")
+@click.argument("student")
+@click.option("--cache", required=True, help="The teacher cache to compare against.")
+@click.option("--run", "run_dir", default=None, help="A kdpipe distill run directory: use its held-out units.")
+@click.option("--max-sequences", type=int, default=None, help="Evaluate on at most this many sequences.")
+@click.option("--batch-size", type=int, default=8)
+@click.option("--device", default="cpu")
+@click.option("--json", "as_json", is_flag=True)
+def evaluate_command(student: str, cache: str, run_dir: str | None, max_sequences: int | None, batch_size: int,
+                     device: str, as_json: bool) -> None:
+    """Held-out CE/perplexity, KL to the teacher and top-1 agreement of any HF causal LM against a cache."""
+    from kdpipe.stage2_distill.evaluate import evaluate_model
+
+    metrics = evaluate_model(student, cache, run_dir, max_sequences, batch_size, device)
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+        return
+    click.echo(f"{student} on {metrics['sequences']} sequences of {cache}: cross-entropy {metrics['eval/ce']:.4f} "
+               f"(perplexity {metrics['eval/ppl']:.2f}), KL to the teacher {metrics['eval/kl_teacher']:.4f}, "
+               f"top-1 agreement {metrics['eval/top1_agreement']:.1%}, {metrics['tokens_per_s']:.0f} tokens/s")
 
 
 @cli.command()

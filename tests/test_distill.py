@@ -114,6 +114,21 @@ def test_missing_signals_name_the_extract_flags(sharp, corpus, tmp_path):
         run(bare, tmp_path / "t2", "kd:temprature=2", steps=1)
 
 
+def test_kdpipe_eval_reproduces_the_run_metrics(sharp, tmp_path):
+    _, cache = sharp
+    r = run(cache, tmp_path / "run", steps=5, eval_sequences=12)  # 3 held-out units, not contiguous in general
+    result = kdpipe("eval", tmp_path / "run" / "student", "--cache", cache, "--run", tmp_path / "run", "--json",
+                    "--batch-size", "3")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["sequences"] == 12
+    for key, value in r["final"].items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5), key
+    everything = json.loads(kdpipe("eval", tmp_path / "run" / "student", "--cache", cache, "--json").stdout)
+    assert everything["sequences"] == TeacherCache(cache).num_sequences
+    assert_user_error(kdpipe("eval", tmp_path, "--cache", cache), "not a model directory")
+
+
 def test_two_students_two_methods_one_cache_no_teacher_on_disk(sharp, tmp_path):
     teacher, cache = sharp
     hidden = teacher.with_name("teacher-hidden")

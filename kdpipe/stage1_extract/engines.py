@@ -16,7 +16,7 @@ from torch import nn
 
 from kdpipe.distributed import distributed_env, init_process_group, read_deepspeed_json
 from kdpipe.errors import UserError
-from kdpipe.modelio import DTYPES, TeacherSource, load_teacher
+from kdpipe.modelio import TeacherSource, load_teacher
 
 
 T = TypeVar("T")
@@ -122,7 +122,3 @@ def load_deepspeed_teacher(source: TeacherSource, dtype: str, device: str, offlo
     engine.module.eval()
     del keep_alive
     return engine.module, ds_config
-
-
-def engine_dtype(dtype: str) -> torch.dtype:
-    return DTYPES[dtype]

@@ -33,7 +33,7 @@ class ExtractConfig:
     packing: str = "packed"
     batch_size: int = 8
     top_k: int = 64
-    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
     sample_count: int = 0
     sample_temperature: float = 1.0
     seed: int = 0

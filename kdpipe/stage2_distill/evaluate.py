@@ -33,3 +33,54 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device, p
     ce = ce_sum / max(lm_positions, 1)
     return {"eval/ce": ce, "eval/ppl": math.exp(min(ce, 50)), "eval/kl_teacher": kl_sum / max(positions, 1),
             "eval/top1_agreement": agree / max(positions, 1)}
+
+
+def evaluate_model(student: str, cache_path: str, run_dir: str | None, max_sequences: int | None,
+                   batch_size: int, device: str) -> dict[str, float]:
+    """`kdpipe eval`: a saved student (any HF causal LM directory) against a cache: all its sequences, or the
+    held-out units of a `kdpipe distill` run."""
+    import json
+    import time
+    from pathlib import Path
+
+    import numpy as np
+    import transformers
+
+    from kdpipe.errors import UserError
+    from kdpipe.stage2_distill.data import UnitReader
+    from kdpipe.stage2_distill.methods.base import Needs
+    from kdpipe.storage.reader import TeacherCache
+
+    cache = TeacherCache(cache_path)
+    if not (Path(student) / "config.json").exists():
+        raise UserError(f"{student} is not a model directory (no config.json)")
+    model = transformers.AutoModelForCausalLM.from_pretrained(student).to(device)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if vocab != cache.manifest.teacher.vocab_size:
+        raise UserError(f"{student} has a vocabulary of {vocab}, the cache's teacher {cache.manifest.teacher.vocab_size}")
+    per = cache.manifest.layout.sequences_per_unit
+    units = list(range(cache.manifest.layout.num_units))
+    if run_dir:
+        run_file = Path(run_dir) / "run.json"
+        if not run_file.exists():
+            raise UserError(f"{run_dir} is not a kdpipe distill run (no run.json)")
+        units = json.loads(run_file.read_text())["split"]["eval_units"]
+    reader = UnitReader(cache, Needs(topk=True))
+    rows = [s for u in units for s in range(u * per, min((u + 1) * per, cache.num_sequences))][:max_sequences]
+    if not rows:
+        raise UserError("no sequences to evaluate on")
+
+    def batches():
+        for b in range(0, len(rows), batch_size):
+            chunk = rows[b:b + batch_size]
+            read = sorted({s // per for s in chunk})
+            buffer = reader.read_units(read)
+            offset = dict(zip(read, np.cumsum([0] + [len(range(u * per, min((u + 1) * per, cache.num_sequences)))
+                                                     for u in read])))
+            yield reader.batch(buffer, np.asarray([offset[s // per] + s % per for s in chunk]))
+
+    start = time.perf_counter()
+    metrics = evaluate(model, batches(), torch.device(device), cache.manifest.data.packing == "padded")
+    seconds = time.perf_counter() - start
+    tokens = int(cache.lengths(np.asarray(rows)).sum())
+    return {**metrics, "sequences": len(rows), "tokens_per_s": tokens / max(seconds, 1e-9)}

@@ -59,7 +59,7 @@ def verify(path: str, repair: bool = False) -> Report:
                                            f"({type(exc).__name__}: {exc})")
                     report.damaged_units.add(unit)
 
-    if "tokens/input_ids" not in report_damaged_names(report):
+    if not any(p.startswith("tokens/") for p in report.problems):
         ids, lengths = group["tokens/input_ids"], group["tokens/length"]
         step = max(1, manifest.layout.sequences_per_unit)
         blocks = (np.asarray(ids[s:s + step]) for s in range(0, manifest.data.num_sequences, step))
@@ -75,10 +75,6 @@ def verify(path: str, repair: bool = False) -> Report:
         raw["complete"] = False
         group.attrs["kdpipe"] = raw
     return report
-
-
-def report_damaged_names(report: Report) -> set[str]:
-    return {p.split(":", 1)[0] for p in report.problems}
 
 
 def describe_units(manifest: Manifest, units: set[int]) -> str:
