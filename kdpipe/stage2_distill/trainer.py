@@ -114,6 +114,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
     split = Split.choose(cache, cfg.eval_sequences, cfg.seed)
     needs = merge_needs([mt.needs() for mt in methods] + [Needs(topk=bool(split.eval_units))])  # eval reads top-k
     student_layers = sorted({layer for mt in methods for layer in mt.student_layers()})
+    student_blocks = sorted({layer for mt in methods for layer in mt.student_attention_layers()})
     params = [p for p in model.parameters()] + [p for mt in methods for p in mt.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -150,10 +151,12 @@ def distill(cfg: DistillConfig) -> DistillResult:
             terms_sum: dict[str, float] = {}
             for _ in range(cfg.grad_accum):
                 batch = next(batches).to(device)
-                with _autocast(cfg, device), Capture(model, student_layers, detach=False) as cap:
+                with _autocast(cfg, device), Capture(model, student_layers, student_blocks, "factors",
+                                                     detach=False) as cap:
                     logits = model(input_ids=batch.input_ids, attention_mask=batch.mask.long() if padded else None,
                                    use_cache=False).logits
-                    outputs = StudentOutput(logits=logits, hidden=dict(cap.hidden))
+                    outputs = StudentOutput(logits=logits, hidden=dict(cap.hidden), factors=dict(cap.attention),
+                                            scaling=cap.scaling)
                     terms = {f"{mt.name}/{k}": mt.weight * v for mt in methods
                              for k, v in mt.loss(batch, outputs, step).items()}
                     loss = sum(terms.values())

@@ -29,17 +29,22 @@ class Batch:
     sampled_ids: torch.Tensor | None = None
     sampled_counts: torch.Tensor | None = None
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> [B, T, H]
+    factors: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # block -> post-RoPE (q, k, v)
     sequence_ids: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
-        moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items() if k != "hidden"}
-        return Batch(**moved, hidden={k: v.to(device) for k, v in self.hidden.items()})
+        moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()
+                 if k not in ("hidden", "factors")}
+        return Batch(**moved, hidden={k: v.to(device) for k, v in self.hidden.items()},
+                     factors={k: tuple(x.to(device) for x in v) for k, v in self.factors.items()})
 
 
 @dataclass
 class StudentOutput:
     logits: torch.Tensor  # [B, T, V]
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # student layer -> [B, T, H_s]
+    factors: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # student block -> (q, k, v)
+    scaling: float | None = None  # the student's softmax scale of Q K^T
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Needs:
     temperatures: list[float] = field(default_factory=list)
     sampled: bool = False
     hidden: list[int] = field(default_factory=list)
+    factors: list[int] = field(default_factory=list)  # blocks whose Q/K/V (attention form `factors`) are read
 
     def missing(self, m: Manifest) -> list[str]:
         """The `kdpipe extract` flags that would add what the cache lacks (empty: all present)."""
@@ -75,6 +81,10 @@ class Needs:
         hidden = sorted(set(self.hidden) - set(s.hidden_layers))
         if hidden:
             flags.append(f"--hidden-layers {','.join(str(x) for x in sorted(set(self.hidden) | set(s.hidden_layers)))}")
+        have = set(s.attention_layers) if s.attention_form == "factors" else set()
+        if set(self.factors) - have:
+            wanted = sorted(set(self.factors) | have)
+            flags.append(f"--attention-layers {','.join(map(str, wanted))} --attention-form factors")
         return flags
 
 
@@ -98,6 +108,10 @@ class Method(nn.Module):
 
     def student_layers(self) -> list[int]:
         """Student hidden layers this method reads (same numbering as the cache's)."""
+        return []
+
+    def student_attention_layers(self) -> list[int]:
+        """Student blocks whose post-RoPE Q/K/V this method reads."""
         return []
 
     def loss(self, batch: Batch, out: StudentOutput, step: int) -> dict[str, torch.Tensor]:

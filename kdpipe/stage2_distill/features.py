@@ -1,0 +1,48 @@
+"""Feature transforms shared by the intermediate-layer methods: pooling a sequence to one vector, and
+self-attention relations between tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdpipe.errors import UserError
+from kdpipe.storage.attention import repeat_kv
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """[B, T, H] -> [B, H]. BERT-era methods pool the [CLS] token; a causal LM has none, so: `first`
+    token, `last` valid token (the one that has seen the whole sequence), or `mean` over valid tokens."""
+    if how == "first":
+        return hidden[:, 0]
+    if how == "last":
+        last = mask.long().sum(1).clamp_min(1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if how == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+    raise UserError(f"pooling {how!r} is not one of first, last, mean")
+
+
+def relation_logits(x: torch.Tensor, heads: int, num_heads: int) -> torch.Tensor:
+    """MiniLMv2 relations: the heads of x [B, h(_kv), T, d] are concatenated ([B, T, h*d]), re-split into
+    `heads` relation heads of size d_r, and related token to token: X_r X_r^T / sqrt(d_r) -> [B, R, T, T].
+    Grouped-query K/V heads are first repeated to `num_heads`, as attention uses them."""
+    x = repeat_kv(x, num_heads)
+    b, h, t, d = x.shape
+    if (h * d) % heads:
+        raise UserError(f"relation_heads={heads} does not divide the attention width {h * d}: choose a divisor")
+    x = x.transpose(1, 2).reshape(b, t, heads, h * d // heads).transpose(1, 2).float()
+    return x @ x.transpose(-1, -2) / (x.shape[-1] ** 0.5)
+
+
+def relation_kl(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(teacher) || softmax(student)) over keys, causal and padding keys masked, averaged over
+    relation heads and valid query positions."""
+    t = teacher.shape[-1]
+    keep = torch.ones(t, t, dtype=torch.bool, device=teacher.device).tril()[None, None] & mask[:, None, None, :]
+    t_logp = F.log_softmax(teacher.masked_fill(~keep, float("-inf")), -1)
+    s_logp = F.log_softmax(student.masked_fill(~keep, float("-inf")), -1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).masked_fill(~keep, 0).sum(-1)  # [B, R, T]
+    rows = mask[:, None, :].expand_as(kl).to(kl.dtype)
+    return (kl * rows).sum() / rows.sum().clamp_min(1)

@@ -1,0 +1,45 @@
+"""MiniLMv2: Wang, Bao, Huang, Dong, Wei 2021, "MiniLMv2: Multi-Head Self-Attention Relation Distillation
+for Compressing Pretrained Transformers".
+
+The student's last block learns the teacher's self-attention relations of one chosen block (the
+paper takes an upper-middle layer of large teachers, the last of base-size ones): for X in {Q, K, V},
+heads are concatenated and re-split into R relation heads, relations softmax(X_r X_r^T / sqrt(d_r)),
+and the loss is the sum over Q-Q, K-K, V-V of KL(teacher || student), averaged over relation heads and
+positions. Re-splitting lets teacher and student have different head counts and widths. From the
+cache: the teacher's post-RoPE Q/K/V factors (`--attention-form factors`); causal models relate each
+token to itself and earlier tokens only.
+"""
+
+from __future__ import annotations
+
+from kdpipe.stage2_distill.features import relation_kl, relation_logits
+from kdpipe.stage2_distill.methods.base import Method, Needs, register
+
+
+@register
+class MiniLMv2(Method):
+    name = "minilmv2"
+    paper = "Wang et al. 2021"
+    defaults = {"teacher_layer": 0, "student_layer": 0, "relation_heads": 0}  # 0: the last block / the heads
+
+    def _layers(self) -> tuple[int, int]:
+        t = int(self.params["teacher_layer"]) or self.ctx.teacher.num_layers
+        s = int(self.params["student_layer"]) or self.ctx.student_layers
+        return t, s
+
+    def needs(self) -> Needs:
+        return Needs(factors=[self._layers()[0]])
+
+    def student_attention_layers(self) -> list[int]:
+        return [self._layers()[1]]
+
+    def loss(self, batch, out, step):
+        t_layer, s_layer = self._layers()
+        t_heads, s_q = self.ctx.teacher.num_heads, out.factors[s_layer][0]
+        r = int(self.params["relation_heads"]) or min(t_heads, s_q.shape[1])
+        terms = {}
+        for i, part in enumerate("qkv"):
+            t = relation_logits(batch.factors[t_layer][i], r, t_heads)
+            s = relation_logits(out.factors[s_layer][i], r, s_q.shape[1])
+            terms[f"{part}{part}"] = relation_kl(t, s, batch.mask)
+        return terms

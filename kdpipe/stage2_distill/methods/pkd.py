@@ -1,0 +1,56 @@
+"""PKD: Sun, Cheng, Gan, Liu 2019, "Patient Knowledge Distillation for BERT Model Compression".
+
+L = (1 - alpha) * hard-label loss + alpha * T^2 KL(p_T || q_T)
+    + beta * sum_j || h_s_j / ||h_s_j|| - h_t_m(j) / ||h_t_m(j)|| ||^2
+over the pooled hidden states of the student's intermediate layers j = 1..S-1 and the teacher layers the
+layer map gives them: `skip` (PKD-Skip, every L/S-th) or `last` (PKD-Last). The paper pools [CLS];
+a causal LM has none, so `pooling` is mean (default), last or first. When the widths differ, a learned
+linear map takes the student's vector to the teacher's width (the paper's student keeps the width).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from kdpipe.stage2_distill.features import pool
+from kdpipe.stage2_distill.layermap import map_layers
+from kdpipe.stage2_distill.losses import lm_loss
+from kdpipe.stage2_distill.methods.base import Method, Needs, register
+from kdpipe.stage2_distill.methods.kd import soft_loss, soft_needs
+
+
+@register
+class PKD(Method):
+    name = "pkd"
+    paper = "Sun et al. 2019"
+    defaults = {"alpha": 0.5, "beta": 100.0, "temperature": 2.0, "strategy": "skip", "pooling": "mean",
+                "estimator": "bucket"}
+
+    def __init__(self, params, ctx):
+        super().__init__(params, ctx)
+        pairs = map_layers(self.params["strategy"], ctx.student_layers, ctx.teacher.num_layers)
+        self.pairs = [(s, t) for s, t in pairs if s < ctx.student_layers]  # the last layer is covered by KD
+        t_width, s_width = ctx.teacher.hidden_size, ctx.student_hidden
+        self.project = nn.Identity() if t_width == s_width else nn.Linear(s_width, t_width, bias=False)
+
+    def needs(self) -> Needs:
+        needs = soft_needs(self.params["temperature"], self.params["estimator"])
+        needs.hidden = [t for _, t in self.pairs]
+        return needs
+
+    def student_layers(self) -> list[int]:
+        return [s for s, _ in self.pairs]
+
+    def loss(self, batch, out, step):
+        p, t = self.params, float(self.params["temperature"])
+        terms = {"soft": p["alpha"] * t * t * soft_loss(batch, out, self.ctx, t, p["estimator"]),
+                 "hard": (1 - p["alpha"]) * lm_loss(out.logits, batch.input_ids, batch.mask)}
+        if self.pairs and p["beta"]:
+            pt = 0.0
+            for s_layer, t_layer in self.pairs:
+                s_vec = F.normalize(self.project(pool(out.hidden[s_layer].float(), batch.mask, p["pooling"])), dim=-1)
+                t_vec = F.normalize(pool(batch.hidden[t_layer], batch.mask, p["pooling"]), dim=-1)
+                pt = pt + ((s_vec - t_vec) ** 2).sum(-1).mean()
+            terms["pt"] = p["beta"] * pt
+        return terms

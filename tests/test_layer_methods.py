@@ -1,0 +1,99 @@
+"""Intermediate-layer methods: each loss against a direct computation of the paper's formula on hand-built
+tensors, and a few dozen steps from a tiny teacher's cache in which the method's own loss falls."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kdpipe.errors import UserError
+from kdpipe.stage1_extract.extractor import ExtractConfig, extract
+from kdpipe.stage2_distill.methods import Batch, Context, StudentOutput
+from kdpipe.stage2_distill.methods.minilmv2 import MiniLMv2
+from kdpipe.stage2_distill.methods.pkd import PKD
+from kdpipe.stage2_distill.trainer import DistillConfig, distill
+from kdpipe.storage.manifest import TeacherInfo
+from tiny import save_teacher
+
+B, T = 2, 5
+
+
+def teacher_info(layers=4, hidden=32, heads=4, kv=2) -> TeacherInfo:
+    return TeacherInfo(name="t", architecture="x", num_layers=layers, hidden_size=hidden, num_heads=heads,
+                       num_kv_heads=kv, head_dim=hidden // heads, vocab_size=11, dtype="float32", config_sha256="")
+
+
+def test_minilmv2_equals_the_relation_formula():
+    g = torch.Generator().manual_seed(0)
+    tq, tk, tv = (torch.randn(B, h, T, 8, generator=g) for h in (4, 2, 2))  # grouped-query teacher
+    sq, sk, sv = (torch.randn(B, 2, T, 8, generator=g) for _ in range(3))
+    ctx = Context(teacher=teacher_info(), temperatures=[1.0], student_layers=2, student_hidden=16, total_steps=1)
+    method = MiniLMv2({"relation_heads": 2}, ctx)
+    batch = Batch(input_ids=torch.zeros(B, T, dtype=torch.long), mask=torch.ones(B, T, dtype=torch.bool),
+                  factors={4: (tq, tk, tv)})
+    out = StudentOutput(logits=torch.zeros(B, T, 11), factors={2: (sq, sk, sv)})
+    got = method.loss(batch, out, 0)
+
+    def relations(x, r):  # concatenate heads, re-split into r heads, scaled dot products, causal softmax
+        cat = torch.cat([x[:, i] for i in range(x.shape[1])], dim=-1)  # [B, T, h*d]
+        dr = cat.shape[-1] // r
+        rel = torch.stack([cat[..., j * dr:(j + 1) * dr] @ cat[..., j * dr:(j + 1) * dr].transpose(1, 2)
+                           for j in range(r)], 1) / dr ** 0.5
+        return torch.log_softmax(rel.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")), -1)
+
+    for name, t, s in (("qq", tq, sq), ("kk", tk.repeat_interleave(2, 1), sk), ("vv", tv.repeat_interleave(2, 1), sv)):
+        p, q = relations(t, 2), relations(s, 2)
+        want = torch.nan_to_num(p.exp() * (p - q)).sum(-1).mean()
+        torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6)
+
+
+def test_pkd_equals_the_patient_teacher_formula():
+    g = torch.Generator().manual_seed(1)
+    ctx = Context(teacher=teacher_info(layers=4), temperatures=[1.0], student_layers=2, student_hidden=32,
+                  total_steps=1)
+    method = PKD({"beta": 10.0, "alpha": 0.0, "strategy": "skip", "pooling": "mean"}, ctx)
+    assert method.pairs == [(1, 2)]
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    t_h, s_h = torch.randn(B, T, 32, generator=g), torch.randn(B, T, 32, generator=g)
+    logits = torch.randn(B, T, 11, generator=g)
+    ids = logits.topk(3, -1).indices
+    batch = Batch(input_ids=torch.randint(0, 11, (B, T), generator=g), mask=mask, topk_ids=ids,
+                  topk_logprobs=torch.log_softmax(logits, -1).gather(-1, ids), logsumexp=torch.zeros(B, T, 1),
+                  hidden={2: t_h})
+    got = method.loss(batch, StudentOutput(logits=logits, hidden={1: s_h}), 0)["pt"]
+    want = 0.0
+    for b in range(B):
+        n = int(mask[b].sum())
+        s_vec, t_vec = s_h[b, :n].mean(0), t_h[b, :n].mean(0)
+        want += ((s_vec / s_vec.norm() - t_vec / t_vec.norm()) ** 2).sum() / B
+    torch.testing.assert_close(got, 10.0 * want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def layer_cache(tmp_path_factory, corpus):
+    root = tmp_path_factory.mktemp("layers")
+    teacher = save_teacher(root / "teacher", "llama", sharpness=30)
+    extract(ExtractConfig(teacher=str(teacher), data=[str(corpus)], out=str(root / "cache"), seq_len=32, top_k=16,
+                          hidden_layers="all", attention_layers="all", attention_form="factors",
+                          sequences_per_unit=4, quiet=True))
+    return root / "cache"
+
+
+@pytest.mark.parametrize("method,term", [("minilmv2", "minilmv2/qq"), ("pkd", "pkd/pt")])
+def test_method_loss_falls_when_training_from_the_cache(method, term, layer_cache, tmp_path):
+    distill(DistillConfig(cache=[str(layer_cache)], student="teacher:layers=2,hidden=16", out=str(tmp_path / "run"),
+                          method=[method], steps=40, batch_size=4, lr=3e-3, eval_sequences=8, quiet=True))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
+    first, last = np.mean([x[term] for x in lines[:5]]), np.mean([x[term] for x in lines[-5:]])
+    assert last < 0.8 * first, (first, last)
+
+
+def test_missing_attention_factors_name_the_extract_flags(corpus, tmp_path):
+    teacher = save_teacher(tmp_path / "teacher", "llama")
+    extract(ExtractConfig(teacher=str(teacher), data=[str(corpus)], out=str(tmp_path / "c"), seq_len=32, top_k=8,
+                          sequences_per_unit=4, attention_layers="1", attention_form="probs", quiet=True))
+    # one attention form per cache: the probs of block 1 make way for the factors of block 3
+    with pytest.raises(UserError, match="--attention-layers 3 --attention-form factors"):
+        distill(DistillConfig(cache=[str(tmp_path / "c")], student="teacher:layers=1", out=str(tmp_path / "r"),
+                              method=["minilmv2"], steps=1, quiet=True))
