@@ -10,8 +10,10 @@ import torch
 from kdpipe.errors import UserError
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
 from kdpipe.stage2_distill.methods import Batch, Context, StudentOutput
+from kdpipe.stage2_distill.methods.minilm import MiniLM
 from kdpipe.stage2_distill.methods.minilmv2 import MiniLMv2
 from kdpipe.stage2_distill.methods.pkd import PKD
+from kdpipe.stage2_distill.methods.tinybert import TinyBERT
 from kdpipe.stage2_distill.trainer import DistillConfig, distill
 from kdpipe.storage.manifest import TeacherInfo
 from tiny import save_teacher
@@ -70,6 +72,54 @@ def test_pkd_equals_the_patient_teacher_formula():
     torch.testing.assert_close(got, 10.0 * want, rtol=1e-5, atol=1e-6)
 
 
+def causal_softmax_log(scores):
+    return torch.log_softmax(scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")), -1)
+
+
+def test_tinybert_equals_its_layer_and_attention_formula():
+    g = torch.Generator().manual_seed(2)
+    ctx = Context(teacher=teacher_info(layers=4, hidden=16, heads=2, kv=2), temperatures=[1.0], student_layers=2,
+                  student_hidden=16, total_steps=1, teacher_attention_scaling=0.5)
+    method = TinyBERT({"alpha_pred": 0.0, "alpha_emb": 2.0}, ctx)
+    assert method.pairs == [(1, 2), (2, 4)]
+    hid = {layer: torch.randn(B, T, 16, generator=g) for layer in (0, 2, 4)}
+    s_hid = {layer: torch.randn(B, T, 16, generator=g) for layer in (0, 1, 2)}
+    fac = {layer: tuple(torch.randn(B, 2, T, 8, generator=g) for _ in range(3)) for layer in (2, 4)}
+    s_fac = {layer: tuple(torch.randn(B, 2, T, 8, generator=g) for _ in range(3)) for layer in (1, 2)}
+    batch = Batch(input_ids=torch.zeros(B, T, dtype=torch.long), mask=torch.ones(B, T, dtype=torch.bool),
+                  hidden=hid, factors=fac)
+    got = method.loss(batch, StudentOutput(logits=torch.zeros(B, T, 11), hidden=s_hid, factors=s_fac, scaling=0.25), 0)
+
+    def scores(q, k, scale):
+        return (q @ k.transpose(-1, -2) * scale).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), 0)
+
+    torch.testing.assert_close(got["emb"], 2.0 * ((s_hid[0] - hid[0]) ** 2).mean())
+    torch.testing.assert_close(got["hid"], ((s_hid[1] - hid[2]) ** 2).mean() + ((s_hid[2] - hid[4]) ** 2).mean())
+    want_att = sum(((scores(*s_fac[s][:2], 0.25) - scores(*fac[t][:2], 0.5)) ** 2).mean() for s, t in method.pairs)
+    torch.testing.assert_close(got["att"], want_att)
+
+
+def test_minilm_equals_attention_and_value_relation_kl():
+    g = torch.Generator().manual_seed(3)
+    ctx = Context(teacher=teacher_info(layers=3, hidden=16, heads=2, kv=2), temperatures=[1.0], student_layers=1,
+                  student_hidden=16, total_steps=1, teacher_attention_scaling=0.35)
+    t_f = tuple(torch.randn(B, 2, T, 8, generator=g) for _ in range(3))
+    s_f = tuple(torch.randn(B, 2, T, 8, generator=g) for _ in range(3))
+    batch = Batch(input_ids=torch.zeros(B, T, dtype=torch.long), mask=torch.ones(B, T, dtype=torch.bool),
+                  factors={3: t_f})
+    got = MiniLM({}, ctx).loss(batch, StudentOutput(logits=torch.zeros(B, T, 11), factors={1: s_f}, scaling=0.2), 0)
+
+    def kl(p_log, q_log):
+        return torch.nan_to_num(p_log.exp() * (p_log - q_log)).sum(-1).mean()
+
+    at = kl(causal_softmax_log(t_f[0] @ t_f[1].transpose(-1, -2) * 0.35),
+            causal_softmax_log(s_f[0] @ s_f[1].transpose(-1, -2) * 0.2))
+    vr = kl(causal_softmax_log(t_f[2] @ t_f[2].transpose(-1, -2) / 8 ** 0.5),
+            causal_softmax_log(s_f[2] @ s_f[2].transpose(-1, -2) / 8 ** 0.5))
+    torch.testing.assert_close(got["at"], at, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["vr"], vr, rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def layer_cache(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("layers")
@@ -80,7 +130,8 @@ def layer_cache(tmp_path_factory, corpus):
     return root / "cache"
 
 
-@pytest.mark.parametrize("method,term", [("minilmv2", "minilmv2/qq"), ("pkd", "pkd/pt")])
+@pytest.mark.parametrize("method,term", [("minilmv2", "minilmv2/qq"), ("pkd", "pkd/pt"), ("tinybert", "tinybert/hid"),
+                                         ("minilm", "minilm/at")])
 def test_method_loss_falls_when_training_from_the_cache(method, term, layer_cache, tmp_path):
     distill(DistillConfig(cache=[str(layer_cache)], student="teacher:layers=2,hidden=16", out=str(tmp_path / "run"),
                           method=[method], steps=40, batch_size=4, lr=3e-3, eval_sequences=8, quiet=True))
@@ -97,3 +148,15 @@ def test_missing_attention_factors_name_the_extract_flags(corpus, tmp_path):
     with pytest.raises(UserError, match="--attention-layers 3 --attention-form factors"):
         distill(DistillConfig(cache=[str(tmp_path / "c")], student="teacher:layers=1", out=str(tmp_path / "r"),
                               method=["minilmv2"], steps=1, quiet=True))
+
+
+def test_methods_combine_tinybert_minilmv2_kd(layer_cache, tmp_path):
+    """GKD's `mixbaseline`: several methods, one run, one weighted loss; every term is logged."""
+    distill(DistillConfig(cache=[str(layer_cache)], student="teacher:layers=2,hidden=16", out=str(tmp_path / "run"),
+                          method=["tinybert:alpha_pred=0", "minilmv2:weight=0.5", "kd:temperature=2"], steps=30,
+                          batch_size=4, lr=3e-3, eval_sequences=8, quiet=True))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    step = lines[1]
+    assert {"tinybert/hid", "tinybert/att", "tinybert/emb", "minilmv2/qq", "kd/kd"} <= set(step)
+    assert step["loss"] == pytest.approx(sum(v for k, v in step.items() if "/" in k and not k.startswith("eval")))
+    assert lines[-1]["eval/kl_teacher"] < lines[0]["eval/kl_teacher"]

@@ -46,3 +46,23 @@ def relation_kl(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor
     kl = (t_logp.exp() * (t_logp - s_logp)).masked_fill(~keep, 0).sum(-1)  # [B, R, T]
     rows = mask[:, None, :].expand_as(kl).to(kl.dtype)
     return (kl * rows).sum() / rows.sum().clamp_min(1)
+
+
+def causal_scores(q: torch.Tensor, k: torch.Tensor, scaling: float, heads_like: int | None = None) -> torch.Tensor:
+    """Pre-softmax attention scores [B, h, T, T] with the causally masked entries set to 0 (TinyBERT's
+    convention for masked scores). With `heads_like` set and a different head count, the head mean
+    [B, 1, T, T] is returned, so that models with different head counts can be compared."""
+    from kdpipe.storage.attention import attention_scores
+
+    s = attention_scores(q, k, scaling)
+    t = s.shape[-1]
+    s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=s.device).tril(), 0.0)
+    return s.mean(1, keepdim=True) if heads_like is not None and heads_like != s.shape[1] else s
+
+
+def causal_log_probs(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
+    from kdpipe.storage.attention import attention_scores
+
+    s = attention_scores(q, k, scaling)
+    t = s.shape[-1]
+    return F.log_softmax(s.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=s.device).tril(), float("-inf")), -1)

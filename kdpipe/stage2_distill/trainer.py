@@ -106,7 +106,8 @@ def distill(cfg: DistillConfig) -> DistillResult:
     model = student.model.to(device)
     scfg = text_config(model)
     ctx = Context(teacher=m.teacher, temperatures=m.signals.temperatures, student_layers=scfg.num_hidden_layers,
-                  student_hidden=scfg.hidden_size, total_steps=cfg.steps, student_pretrained=student.pretrained)
+                  student_hidden=scfg.hidden_size, total_steps=cfg.steps, student_pretrained=student.pretrained,
+                  teacher_attention_scaling=m.signals.attention_scaling)
     methods = build_methods(cfg.method, ctx)
     check_needs(methods, m, cache.path)
     for method in methods:

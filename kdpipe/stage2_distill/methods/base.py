@@ -56,6 +56,7 @@ class Context:
     student_hidden: int
     total_steps: int
     student_pretrained: bool = False
+    teacher_attention_scaling: float | None = None  # softmax scale of the teacher's Q K^T (from the manifest)
 
 
 @dataclass
