@@ -13,6 +13,9 @@ from kdpipe.stage2_distill.methods import Batch, Context, StudentOutput
 from kdpipe.stage2_distill.methods.minilm import MiniLM
 from kdpipe.stage2_distill.methods.minilmv2 import MiniLMv2
 from kdpipe.stage2_distill.methods.pkd import PKD
+from kdpipe.stage2_distill.methods.alp_kd import ALPKD
+from kdpipe.stage2_distill.methods.mobilebert import MobileBERT
+from kdpipe.stage2_distill.methods.rail_kd import RAILKD
 from kdpipe.stage2_distill.methods.tinybert import TinyBERT
 from kdpipe.stage2_distill.trainer import DistillConfig, distill
 from kdpipe.storage.manifest import TeacherInfo
@@ -120,6 +123,50 @@ def test_minilm_equals_attention_and_value_relation_kl():
     torch.testing.assert_close(got["vr"], vr, rtol=1e-5, atol=1e-6)
 
 
+def test_mobilebert_alp_kd_and_rail_kd_equal_their_formulas():
+    g = torch.Generator().manual_seed(4)
+    ctx = Context(teacher=teacher_info(layers=4, hidden=16, heads=2, kv=2), temperatures=[1.0], student_layers=2,
+                  student_hidden=16, total_steps=10, teacher_attention_scaling=0.3, cached_hidden=[0, 1, 2, 3, 4])
+    hid = {layer: torch.randn(B, T, 16, generator=g) for layer in range(5)}
+    s_hid = {layer: torch.randn(B, T, 16, generator=g) for layer in (1, 2)}
+    s_fac = {layer: tuple(torch.randn(B, 2, T, 8, generator=g) for _ in range(3)) for layer in (1, 2)}
+    t_probs = {t: causal_softmax_log(torch.randn(B, 2, T, T, generator=g)).exp() for t in (2, 4)}
+    batch = Batch(input_ids=torch.zeros(B, T, dtype=torch.long), mask=torch.ones(B, T, dtype=torch.bool),
+                  hidden=hid, attention=t_probs)
+    out = StudentOutput(logits=torch.zeros(B, T, 11), hidden=s_hid, factors=s_fac, scaling=0.25)
+
+    mobile = MobileBERT({}, ctx)
+    got = mobile.loss(batch, out, 0)
+    fmt = sum(((s_hid[s] - hid[t]) ** 2).mean() for s, t in mobile.pairs)
+    at = 0.0
+    for s, t in mobile.pairs:
+        p, q = t_probs[t], causal_softmax_log(s_fac[s][0] @ s_fac[s][1].transpose(-1, -2) * 0.25)
+        at = at + torch.nan_to_num(p * (p.log() - q)).sum(-1).mean()
+    torch.testing.assert_close(got["fmt"], fmt)
+    torch.testing.assert_close(got["at"], at, rtol=1e-5, atol=1e-6)
+    progressive = MobileBERT({"progressive": True}, ctx)
+    assert [progressive.active_pairs(s) for s in (0, 4, 5, 9)] == [[(1, 2)], [(1, 2)], [(2, 4)], [(2, 4)]]
+
+    alp = ALPKD({}, ctx)
+    assert alp.teacher_layers == [1, 2, 3] and alp.student_layers() == [1]
+    t_vecs = torch.stack([hid[i].mean(1) for i in (1, 2, 3)], 1)
+    s_vec = s_hid[1].mean(1)
+    weights = torch.softmax(torch.einsum("blh,bh->bl", t_vecs, s_vec), -1)
+    want = ((s_vec - torch.einsum("bl,blh->bh", weights, t_vecs)) ** 2).mean()
+    torch.testing.assert_close(alp.loss(batch, out, 0)["alp"], want)
+
+    rail = RAILKD({"redraw_every": 3, "seed": 7}, ctx)
+    draws = [rail.drawn(step) for step in range(12)]
+    assert draws == [RAILKD({"redraw_every": 3, "seed": 7}, ctx).drawn(step) for step in range(12)], "seeded"
+    assert len({tuple(d) for d in draws}) > 1 and all(d[0] in (1, 2, 3) for d in draws)
+    assert draws[0] == draws[2] and all(len(d) == 1 for d in draws)
+    t_layer = draws[0][0]
+    proj = rail.project[0]
+    s_n = torch.nn.functional.normalize(proj(s_hid[1].mean(1)), dim=-1)
+    t_n = torch.nn.functional.normalize(hid[t_layer].mean(1), dim=-1)
+    torch.testing.assert_close(rail.loss(batch, out, 0)["rail"], ((s_n - t_n) ** 2).sum(-1).mean())
+
+
 @pytest.fixture(scope="module")
 def layer_cache(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("layers")
@@ -131,13 +178,28 @@ def layer_cache(tmp_path_factory, corpus):
 
 
 @pytest.mark.parametrize("method,term", [("minilmv2", "minilmv2/qq"), ("pkd", "pkd/pt"), ("tinybert", "tinybert/hid"),
-                                         ("minilm", "minilm/at")])
+                                         ("minilm", "minilm/at"), ("mobilebert", "mobilebert/fmt"),
+                                         ("alp_kd", "alp_kd/alp"), ("rail_kd:redraw_every=1000", "rail_kd/rail")])
 def test_method_loss_falls_when_training_from_the_cache(method, term, layer_cache, tmp_path):
     distill(DistillConfig(cache=[str(layer_cache)], student="teacher:layers=2,hidden=16", out=str(tmp_path / "run"),
                           method=[method], steps=40, batch_size=4, lr=3e-3, eval_sequences=8, quiet=True))
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
     first, last = np.mean([x[term] for x in lines[:5]]), np.mean([x[term] for x in lines[-5:]])
+    assert np.isfinite(first) and np.isfinite(last)
     assert last < 0.8 * first, (first, last)
+
+
+def test_mobilebert_trains_from_attention_probs_too(corpus, tmp_path):
+    """Attention-distribution methods read either cached form: here stored probabilities."""
+    teacher = save_teacher(tmp_path / "teacher", "llama", sharpness=30)
+    extract(ExtractConfig(teacher=str(teacher), data=[str(corpus)], out=str(tmp_path / "c"), seq_len=32, top_k=8,
+                          hidden_layers="all", attention_layers="all", attention_form="probs", sequences_per_unit=4,
+                          quiet=True))
+    distill(DistillConfig(cache=[str(tmp_path / "c")], student="teacher:layers=2,hidden=16", out=str(tmp_path / "r"),
+                          method=["mobilebert:alpha_fmt=0"], steps=30, batch_size=4, lr=3e-3, eval_sequences=8,
+                          quiet=True))
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert np.mean([x["mobilebert/at"] for x in lines[-5:]]) < 0.8 * np.mean([x["mobilebert/at"] for x in lines[:5]])
 
 
 def test_missing_attention_factors_name_the_extract_flags(corpus, tmp_path):

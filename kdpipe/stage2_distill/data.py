@@ -47,7 +47,8 @@ def _unit_done(cache: TeacherCache, unit: int) -> bool:
 def merge_needs(needs: list[Needs]) -> Needs:
     return Needs(topk=any(n.topk for n in needs), sampled=any(n.sampled for n in needs),
                  hidden=sorted({layer for n in needs for layer in n.hidden}),
-                 factors=sorted({layer for n in needs for layer in n.factors}))
+                 factors=sorted({layer for n in needs for layer in n.factors}),
+                 attention=sorted({layer for n in needs for layer in n.attention}))
 
 
 class UnitReader:
@@ -69,6 +70,8 @@ class UnitReader:
                 arrays["sampled_ids"], arrays["sampled_counts"] = self.cache.sampled(index)
             for layer in self.needs.hidden:
                 arrays[f"hidden/{layer}"] = self.cache.hidden(layer, index)
+            for layer in self.needs.attention:
+                arrays[f"attention/{layer}"] = self.cache.attention_probs(layer, index)
             for layer in self.needs.factors:
                 for part, x in zip("qkv", self.cache.attention_factors(layer, index)):
                     arrays[f"factors/{layer}/{part}"] = x
@@ -86,6 +89,7 @@ class UnitReader:
             topk_ids=pick.get("topk_ids"), topk_logprobs=pick.get("topk_logprobs"), logsumexp=pick.get("logsumexp"),
             sampled_ids=pick.get("sampled_ids"), sampled_counts=pick.get("sampled_counts"),
             hidden={int(k.split("/")[1]): v for k, v in pick.items() if k.startswith("hidden/")},
+            attention={int(k.split("/")[1]): v for k, v in pick.items() if k.startswith("attention/")},
             factors={layer: tuple(pick[f"factors/{layer}/{p}"] for p in "qkv")
                      for layer in {int(k.split("/")[1]) for k in pick if k.startswith("factors/")}},
             sequence_ids=pick["sequence_ids"],

@@ -107,7 +107,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
     scfg = text_config(model)
     ctx = Context(teacher=m.teacher, temperatures=m.signals.temperatures, student_layers=scfg.num_hidden_layers,
                   student_hidden=scfg.hidden_size, total_steps=cfg.steps, student_pretrained=student.pretrained,
-                  teacher_attention_scaling=m.signals.attention_scaling)
+                  teacher_attention_scaling=m.signals.attention_scaling, cached_hidden=list(m.signals.hidden_layers))
     methods = build_methods(cfg.method, ctx)
     check_needs(methods, m, cache.path)
     for method in methods:

@@ -30,13 +30,15 @@ class Batch:
     sampled_counts: torch.Tensor | None = None
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> [B, T, H]
     factors: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # block -> post-RoPE (q, k, v)
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> probs [B, h, T, T], either form
     sequence_ids: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
         moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()
-                 if k not in ("hidden", "factors")}
+                 if k not in ("hidden", "factors", "attention")}
         return Batch(**moved, hidden={k: v.to(device) for k, v in self.hidden.items()},
-                     factors={k: tuple(x.to(device) for x in v) for k, v in self.factors.items()})
+                     factors={k: tuple(x.to(device) for x in v) for k, v in self.factors.items()},
+                     attention={k: v.to(device) for k, v in self.attention.items()})
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Context:
     total_steps: int
     student_pretrained: bool = False
     teacher_attention_scaling: float | None = None  # softmax scale of the teacher's Q K^T (from the manifest)
+    cached_hidden: list[int] = field(default_factory=list)  # teacher hidden layers the cache holds
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Needs:
     sampled: bool = False
     hidden: list[int] = field(default_factory=list)
     factors: list[int] = field(default_factory=list)  # blocks whose Q/K/V (attention form `factors`) are read
+    attention: list[int] = field(default_factory=list)  # blocks whose attention probs are read (either form)
 
     def missing(self, m: Manifest) -> list[str]:
         """The `kdpipe extract` flags that would add what the cache lacks (empty: all present)."""
@@ -82,6 +86,9 @@ class Needs:
         hidden = sorted(set(self.hidden) - set(s.hidden_layers))
         if hidden:
             flags.append(f"--hidden-layers {','.join(str(x) for x in sorted(set(self.hidden) | set(s.hidden_layers)))}")
+        if set(self.attention) - set(s.attention_layers):
+            wanted = sorted(set(self.attention) | set(s.attention_layers))
+            flags.append(f"--attention-layers {','.join(map(str, wanted))}")
         have = set(s.attention_layers) if s.attention_form == "factors" else set()
         if set(self.factors) - have:
             wanted = sorted(set(self.factors) | have)

@@ -18,10 +18,13 @@ from kdpipe.stage2_distill.methods.base import Method, Needs, register
 
 
 def _attention_kl(t_logp: torch.Tensor, s_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(A_t || A_s) over keys, averaged over heads and valid query rows; keys the teacher gives
+    probability 0 (masked) contribute 0."""
     if t_logp.shape[1] != s_logp.shape[1]:  # different head counts: compare head-mean distributions
-        t_logp = t_logp.exp().mean(1, keepdim=True).clamp_min(1e-30).log()
-        s_logp = s_logp.exp().mean(1, keepdim=True).clamp_min(1e-30).log()
-    kl = torch.nan_to_num(t_logp.exp() * (t_logp - s_logp), nan=0.0).sum(-1)  # [B, h, T]
+        t_logp = t_logp.exp().mean(1, keepdim=True).log()
+        s_logp = s_logp.exp().mean(1, keepdim=True).clamp_min(1e-30).log()  # finite: log's gradient at 0 is NaN
+    p = t_logp.exp()
+    kl = torch.where(p > 0, p * (t_logp - s_logp), torch.zeros_like(p)).sum(-1)  # [B, h, T]
     rows = mask[:, None, :].expand_as(kl).float()
     return (kl * rows).sum() / rows.sum().clamp_min(1)
 

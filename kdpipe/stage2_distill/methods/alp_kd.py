@@ -1,0 +1,52 @@
+"""ALP-KD: Passban, Wu, Rezagholizadeh, Liu 2021, "ALP-KD: Attention-Based Layer Projection for
+Knowledge Distillation".
+
+Every student layer j attends over all teacher layers: alpha_ji = softmax_i(h_s_j . h_t_i), target
+c_j = sum_i alpha_ji h_t_i, loss MSE(h_s_j, c_j), so no layer is skipped and no fixed mapping is
+chosen. The paper uses the [CLS] vectors; a causal LM has none, so vectors are pooled (`pooling`: mean,
+last or first). The teacher layers are whatever intermediate layers the cache holds (1..L-1), printed
+in the run's method description. With differing widths a learned linear map takes the student's
+vector to the teacher's width. Combine with `kd` and `lm` for the paper's full objective.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdpipe.errors import UserError
+from kdpipe.stage2_distill.features import pool
+from kdpipe.stage2_distill.methods.base import Method, Needs, register
+
+
+@register
+class ALPKD(Method):
+    name = "alp_kd"
+    paper = "Passban et al. 2021"
+    defaults = {"pooling": "mean"}
+
+    def __init__(self, params, ctx):
+        super().__init__(params, ctx)
+        self.teacher_layers = [x for x in ctx.cached_hidden if 0 < x < ctx.teacher.num_layers]
+        if not self.teacher_layers:
+            raise UserError("method alp_kd needs intermediate teacher hidden states: re-extract with "
+                            "`kdpipe extract --hidden-layers all ...`")
+        t_width, s_width = ctx.teacher.hidden_size, ctx.student_hidden
+        self.project = nn.Identity() if t_width == s_width else nn.Linear(s_width, t_width)
+
+    def needs(self) -> Needs:
+        return Needs(hidden=self.teacher_layers)
+
+    def student_layers(self) -> list[int]:
+        return list(range(1, self.ctx.student_layers))
+
+    def loss(self, batch, out, step):
+        how = self.params["pooling"]
+        t = torch.stack([pool(batch.hidden[i], batch.mask, how) for i in self.teacher_layers], 1)  # [B, L', H]
+        total = 0.0
+        for j in self.student_layers():
+            s = self.project(pool(out.hidden[j].float(), batch.mask, how))  # [B, H]
+            alpha = torch.softmax((t @ s.unsqueeze(-1)).squeeze(-1), -1)  # [B, L']
+            target = (alpha.unsqueeze(-1) * t).sum(1)
+            total = total + ((s - target) ** 2).mean()
+        return {"alp": total}
