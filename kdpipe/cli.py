@@ -89,6 +89,10 @@ def cli() -> None:
 @click.option("--sequences-per-chunk", type=int, default=None,
               help="Sequences per compressed chunk; smaller than the unit turns on zarr sharding.")
 @click.option("--logit-rows", type=int, default=512, help="Positions projected to the vocabulary at once.")
+@click.option("--for-methods", default=None,
+              help="Choose hidden/attention layers, attention form and temperatures for these methods, e.g. "
+                   "tinybert,minilmv2 (with --student-layers).")
+@click.option("--student-layers", type=int, default=None, help="With --for-methods: the students' layer count.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the teacher's own Python code.")
 @click.option("--resume", is_flag=True, help="Continue an existing cache: done work units are skipped.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
@@ -99,6 +103,20 @@ def extract(**opts) -> None:
 
     opts["data"] = list(opts["data"])
     opts["temperatures"] = _floats(opts["temperatures"])
+    for_methods, student_layers = opts.pop("for_methods"), opts.pop("student_layers")
+    if for_methods:
+        from kdpipe.pipeline.for_methods import signals_for_methods
+
+        if student_layers is None:
+            raise UserError("--for-methods needs --student-layers N (the layer mapping depends on it)")
+        chosen = signals_for_methods([m for m in for_methods.split(",") if m], opts["teacher"], student_layers,
+                                     opts["trust_remote_code"])
+        chosen["temperatures"] = sorted(set(chosen["temperatures"]) | set(opts["temperatures"]))
+        chosen["sample_count"] = max(chosen["sample_count"], opts["sample_count"])
+        opts.update(chosen)
+        click.echo(f"for {for_methods} with {student_layers}-layer students: hidden layers {chosen['hidden_layers']}, "
+                   f"attention {chosen['attention_form']} of {chosen['attention_layers']}, temperatures "
+                   f"{','.join(f'{t:g}' for t in chosen['temperatures'])}", err=True)
     result = run_extract(ExtractConfig(**opts))
     state = "complete" if result.complete else "INCOMPLETE (rerun with --resume)"
     click.echo(f"wrote {result.sequences_written} sequences ({result.tokens_written} tokens) to {result.path} in "

@@ -108,8 +108,11 @@ def test_missing_signals_name_the_extract_flags(sharp, corpus, tmp_path):
     for method, flag in cases:
         with pytest.raises(UserError, match=f"method {method.split(':')[0]} needs.*{flag}"):
             run(bare, tmp_path / method.replace(":", "_"), method, steps=1)
-    with pytest.raises(UserError, match="tinybert is planned"):
-        run(bare, tmp_path / "t", "tinybert", steps=1)
+    with pytest.raises(UserError, match="ckd is planned"):
+        run(bare, tmp_path / "t", "ckd", steps=1)
+    with pytest.raises(UserError, match="method tinybert needs.*--hidden-layers 0,2,3 --attention-layers 2,3 "
+                                        "--attention-form factors"):
+        run(bare, tmp_path / "t3", "tinybert", steps=1)
     with pytest.raises(UserError, match="method kd has no setting 'temprature'"):
         run(bare, tmp_path / "t2", "kd:temprature=2", steps=1)
 

@@ -222,3 +222,24 @@ def test_methods_combine_tinybert_minilmv2_kd(layer_cache, tmp_path):
     assert {"tinybert/hid", "tinybert/att", "tinybert/emb", "minilmv2/qq", "kd/kd"} <= set(step)
     assert step["loss"] == pytest.approx(sum(v for k, v in step.items() if "/" in k and not k.startswith("eval")))
     assert lines[-1]["eval/kl_teacher"] < lines[0]["eval/kl_teacher"]
+
+
+def test_extract_for_methods_chooses_the_layers_they_need(teachers, corpus, tmp_path):
+    from test_cli import kdpipe
+
+    result = kdpipe("extract", "--teacher", teachers["llama"], "--data", corpus, "--out", tmp_path / "c",
+                    "--seq-len", "32", "--top-k", "8", "--sequences-per-unit", "4", "--quiet",
+                    "--for-methods", "tinybert,minilmv2,pkd", "--student-layers", "2")
+    assert result.exit_code == 0, result.output
+    signals = json.loads(kdpipe("inspect", tmp_path / "c", "--json").stdout)["manifest"]["signals"]
+    # tinybert: embeddings + uniform map 1->2 (round(1.5)), 2->3; minilmv2: last block; pkd (skip): 1->1
+    assert signals["hidden_layers"] == [0, 1, 2, 3]
+    assert signals["attention_layers"] == [2, 3] and signals["attention_form"] == "factors"
+    assert signals["temperatures"] == [1.0, 2.0]
+    run = distill(DistillConfig(cache=[str(tmp_path / "c")], student="teacher:layers=2", out=str(tmp_path / "r"),
+                                method=["tinybert", "minilmv2", "pkd"], steps=2, batch_size=4, eval_sequences=0,
+                                quiet=True))
+    assert run.steps == 2
+    missing = kdpipe("extract", "--teacher", teachers["llama"], "--data", corpus, "--out", tmp_path / "d",
+                     "--for-methods", "tinybert")
+    assert missing.exit_code == 2 and "--student-layers" in missing.stderr
