@@ -184,6 +184,8 @@ def test_method_loss_falls_when_training_from_the_cache(method, term, layer_cach
     distill(DistillConfig(cache=[str(layer_cache)], student="teacher:layers=2,hidden=16", out=str(tmp_path / "run"),
                           method=[method], steps=40, batch_size=4, lr=3e-3, eval_sequences=8, quiet=True))
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
+    described = json.loads((tmp_path / "run" / "run.json").read_text())["methods"][0]
+    assert described.startswith(method.split(":")[0]) and "teacher" in described
     first, last = np.mean([x[term] for x in lines[:5]]), np.mean([x[term] for x in lines[-5:]])
     assert np.isfinite(first) and np.isfinite(last)
     assert last < 0.8 * first, (first, last)

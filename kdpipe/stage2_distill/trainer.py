@@ -128,7 +128,8 @@ def distill(cfg: DistillConfig) -> DistillResult:
     start = _restore(ckpt_dir, model, methods, optimizer, scheduler, engine, split) if cfg.resume else 0
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"config": asdict(cfg), "split": asdict(split), "student":
-                                              student.description, "cache_fingerprint": m.data.fingerprint}, indent=2))
+                                              student.description, "methods": [mt.describe() for mt in methods],
+                                              "cache_fingerprint": m.data.fingerprint}, indent=2))
 
     padded = m.data.packing == "padded"
     evaluate_now = lambda: evaluate(model, eval_batches(cache, needs, split.eval_units, cfg.batch_size), device, padded)  # noqa: E731

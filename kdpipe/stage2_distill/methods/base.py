@@ -122,6 +122,19 @@ class Method(nn.Module):
         """Student blocks whose post-RoPE Q/K/V this method reads."""
         return []
 
+    def describe(self) -> str:
+        """What this method reads, recorded in the run (methods that take whatever layers the cache
+        holds say which they used)."""
+        n = self.needs()
+        parts = [f"{self.name} ({self.paper}), weight {self.weight:g}"]
+        if n.hidden:
+            parts.append(f"teacher hidden layers {n.hidden}")
+        if n.factors or n.attention:
+            parts.append(f"teacher attention blocks {sorted(set(n.factors) | set(n.attention))}")
+        if self.student_layers() or self.student_attention_layers():
+            parts.append(f"student layers {sorted(set(self.student_layers()) | set(self.student_attention_layers()))}")
+        return "; ".join(parts)
+
     def loss(self, batch: Batch, out: StudentOutput, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
