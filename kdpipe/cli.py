@@ -198,9 +198,13 @@ def methods(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'method':14} {'status':8} {'paper':22} needs from the teacher")
+    click.echo(f"{'method':14} {'status':16} {'paper':22} needs from the teacher")
     for r in rows:
-        click.echo(f"{r['method']:14} {r['status']:8} {r['paper']:22} {r['needs']}")
+        click.echo(f"{r['method']:14} {r['status']:16} {r['paper']:22} {r['needs']}")
+    click.echo("\nadaptations (cache (adapted)):")
+    for r in rows:
+        if r["adaptation"]:
+            click.echo(f"  {r['method']}: {r['adaptation']}")
 
 
 @cli.command()

@@ -205,7 +205,10 @@ def test_distill_cli_and_user_errors(sharp, tmp_path):
     listed = kdpipe("methods", "--json")
     rows = json.loads(listed.stdout)
     assert len([r for r in rows if r["method"] != "lm"]) == 25
-    assert {r["method"] for r in rows if r["status"] == "cache"} >= {"kd", "pd", "distilbert", "annealing_kd"}
+    assert {r["method"] for r in rows if r["status"].startswith("cache")} >= {"kd", "pd", "distilbert", "annealing_kd",
+                                                                              "tinybert", "minilmv2"}
+    assert next(r for r in rows if r["method"] == "pkd")["status"] == "cache (adapted)"
+    assert next(r for r in rows if r["method"] == "ckd")["status"] == "planned"
 
 
 def test_zero_student_training_matches_plain_training(sharp, tmp_path):

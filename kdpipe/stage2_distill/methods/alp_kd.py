@@ -23,6 +23,7 @@ from kdpipe.stage2_distill.methods.base import Method, Needs, register
 class ALPKD(Method):
     name = "alp_kd"
     paper = "Passban et al. 2021"
+    adapted = "pooled hidden states instead of [CLS]"
     defaults = {"pooling": "mean"}
 
     def __init__(self, params, ctx):

@@ -19,6 +19,7 @@ from kdpipe.stage2_distill.methods.base import Method, Needs, register
 class AnnealingKD(Method):
     name = "annealing_kd"
     paper = "Jafari et al. 2021"
+    adapted = "the annealed MSE covers the k cached logits, not the whole vocabulary"
     defaults = {"max_temperature": 7, "phase1": 0.5}
 
     def needs(self) -> Needs:

@@ -100,6 +100,7 @@ class Method(nn.Module):
     name: ClassVar[str]
     paper: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
+    adapted: ClassVar[str] = ""  # how the cache-only version differs from the paper, if it does
 
     def __init__(self, params: dict[str, Any], ctx: Context):
         super().__init__()

@@ -38,14 +38,16 @@ def status(name: str) -> str | None:
     from kdpipe.stage2_distill.methods.base import METHODS
 
     if name in METHODS:
-        return "cache"
+        return "cache (adapted)" if METHODS[name].adapted else "cache"
     return "planned" if any(row[0] == name for row in GKD_METHODS) else None
 
 
 def table() -> list[dict[str, str]]:
     from kdpipe.stage2_distill.methods.base import METHODS
 
-    rows = [{"method": n, "paper": p, "needs": s, "group": g, "status": status(n)} for n, p, s, g in GKD_METHODS]
-    extra = [{"method": n, "paper": c.paper, "needs": "token ids only", "group": "labels", "status": "cache"}
+    rows = [{"method": n, "paper": p, "needs": s, "group": g, "status": status(n),
+             "adaptation": METHODS[n].adapted if n in METHODS else ""} for n, p, s, g in GKD_METHODS]
+    extra = [{"method": n, "paper": c.paper, "needs": "token ids only", "group": "labels", "status": "cache",
+              "adaptation": ""}
              for n, c in METHODS.items() if not any(r["method"] == n for r in rows)]
     return rows + extra

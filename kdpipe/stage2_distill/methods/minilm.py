@@ -33,6 +33,7 @@ def _attention_kl(t_logp: torch.Tensor, s_logp: torch.Tensor, mask: torch.Tensor
 class MiniLM(Method):
     name = "minilm"
     paper = "Wang et al. 2020"
+    adapted = "head-mean attention and re-split value relations when head counts differ"
     defaults = {"teacher_layer": 0, "student_layer": 0, "alpha_at": 1.0, "alpha_vr": 1.0}
 
     def _layers(self) -> tuple[int, int]:

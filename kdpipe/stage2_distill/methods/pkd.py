@@ -24,6 +24,7 @@ from kdpipe.stage2_distill.methods.kd import soft_loss, soft_needs
 class PKD(Method):
     name = "pkd"
     paper = "Sun et al. 2019"
+    adapted = "pooled hidden states (mean, last or first token) instead of [CLS]"
     defaults = {"alpha": 0.5, "beta": 100.0, "temperature": 2.0, "strategy": "skip", "pooling": "mean",
                 "estimator": "bucket"}
 

@@ -23,6 +23,7 @@ from kdpipe.stage2_distill.methods.base import Method, Needs, register
 class RAILKD(Method):
     name = "rail_kd"
     paper = "Haidar et al. 2022"
+    adapted = "pooled hidden states instead of [CLS]; redrawn every N steps rather than per epoch"
     defaults = {"redraw_every": 100, "seed": 0, "pooling": "mean"}
 
     def __init__(self, params, ctx):

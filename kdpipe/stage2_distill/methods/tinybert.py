@@ -28,6 +28,7 @@ from kdpipe.stage2_distill.methods.kd import soft_loss, soft_needs
 class TinyBERT(Method):
     name = "tinybert"
     paper = "Jiao et al. 2020"
+    adapted = "one run with weighted terms (two runs give the staged recipe); head-mean scores when head counts differ"
     defaults = {"alpha_emb": 1.0, "alpha_hid": 1.0, "alpha_att": 1.0, "alpha_pred": 1.0, "temperature": 1.0,
                 "layer_map": "uniform", "estimator": "bucket"}
 
