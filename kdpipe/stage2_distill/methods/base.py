@@ -140,6 +140,21 @@ class Method(nn.Module):
         raise NotImplementedError
 
 
+class BlockPairMethod(Method):
+    """A method between one teacher block's and one student block's Q/K/V (default: the last of each)."""
+    defaults = {"teacher_layer": 0, "student_layer": 0}
+
+    def block_pair(self) -> tuple[int, int]:
+        return (int(self.params["teacher_layer"]) or self.ctx.teacher.num_layers,
+                int(self.params["student_layer"]) or self.ctx.student_layers)
+
+    def needs(self) -> Needs:
+        return Needs(factors=[self.block_pair()[0]])
+
+    def student_attention_layers(self) -> list[int]:
+        return [self.block_pair()[1]]
+
+
 METHODS: dict[str, type[Method]] = {}
 
 

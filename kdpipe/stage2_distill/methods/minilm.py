@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from kdpipe.stage2_distill.features import causal_log_probs, relation_kl, relation_logits
-from kdpipe.stage2_distill.methods.base import Method, Needs, register
+from kdpipe.stage2_distill.methods.base import BlockPairMethod, register
 
 
 def _attention_kl(t_logp: torch.Tensor, s_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -30,24 +30,14 @@ def _attention_kl(t_logp: torch.Tensor, s_logp: torch.Tensor, mask: torch.Tensor
 
 
 @register
-class MiniLM(Method):
+class MiniLM(BlockPairMethod):
     name = "minilm"
     paper = "Wang et al. 2020"
     adapted = "head-mean attention and re-split value relations when head counts differ"
-    defaults = {"teacher_layer": 0, "student_layer": 0, "alpha_at": 1.0, "alpha_vr": 1.0}
-
-    def _layers(self) -> tuple[int, int]:
-        return (int(self.params["teacher_layer"]) or self.ctx.teacher.num_layers,
-                int(self.params["student_layer"]) or self.ctx.student_layers)
-
-    def needs(self) -> Needs:
-        return Needs(factors=[self._layers()[0]])
-
-    def student_attention_layers(self) -> list[int]:
-        return [self._layers()[1]]
+    defaults = {**BlockPairMethod.defaults, "alpha_at": 1.0, "alpha_vr": 1.0}
 
     def loss(self, batch, out, step):
-        t_layer, s_layer = self._layers()
+        t_layer, s_layer = self.block_pair()
         tq, tk, tv = batch.factors[t_layer]
         sq, sk, sv = out.factors[s_layer]
         at = _attention_kl(causal_log_probs(tq, tk, self.ctx.teacher_attention_scaling),

@@ -13,28 +13,17 @@ token to itself and earlier tokens only.
 from __future__ import annotations
 
 from kdpipe.stage2_distill.features import relation_kl, relation_logits
-from kdpipe.stage2_distill.methods.base import Method, Needs, register
+from kdpipe.stage2_distill.methods.base import BlockPairMethod, register
 
 
 @register
-class MiniLMv2(Method):
+class MiniLMv2(BlockPairMethod):
     name = "minilmv2"
     paper = "Wang et al. 2021"
-    defaults = {"teacher_layer": 0, "student_layer": 0, "relation_heads": 0}  # 0: the last block / the heads
-
-    def _layers(self) -> tuple[int, int]:
-        t = int(self.params["teacher_layer"]) or self.ctx.teacher.num_layers
-        s = int(self.params["student_layer"]) or self.ctx.student_layers
-        return t, s
-
-    def needs(self) -> Needs:
-        return Needs(factors=[self._layers()[0]])
-
-    def student_attention_layers(self) -> list[int]:
-        return [self._layers()[1]]
+    defaults = {**BlockPairMethod.defaults, "relation_heads": 0}  # 0: as many relation heads as the fewer heads
 
     def loss(self, batch, out, step):
-        t_layer, s_layer = self._layers()
+        t_layer, s_layer = self.block_pair()
         t_heads, s_q = self.ctx.teacher.num_heads, out.factors[s_layer][0]
         r = int(self.params["relation_heads"]) or min(t_heads, s_q.shape[1])
         terms = {}
