@@ -14,6 +14,7 @@ from kdpipe.stage2_distill.methods.minilm import MiniLM
 from kdpipe.stage2_distill.methods.minilmv2 import MiniLMv2
 from kdpipe.stage2_distill.methods.pkd import PKD
 from kdpipe.stage2_distill.methods.alp_kd import ALPKD
+from kdpipe.stage2_distill.methods.ckd import CKD
 from kdpipe.stage2_distill.methods.mobilebert import MobileBERT
 from kdpipe.stage2_distill.methods.rail_kd import RAILKD
 from kdpipe.stage2_distill.methods.tinybert import TinyBERT
@@ -167,6 +168,67 @@ def test_mobilebert_alp_kd_and_rail_kd_equal_their_formulas():
     torch.testing.assert_close(rail.loss(batch, out, 0)["rail"], ((s_n - t_n) ** 2).sum(-1).mean())
 
 
+def test_ckd_equals_its_relation_formulas():
+    g = torch.Generator().manual_seed(5)
+    ctx = Context(teacher=teacher_info(layers=3, hidden=16), temperatures=[1.0], student_layers=3, student_hidden=8,
+                  total_steps=1)
+    method = CKD({"window": 3}, ctx)
+    assert method.pairs == [(1, 1), (2, 2), (3, 3)]
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    hid = {t: torch.randn(B, T, 16, generator=g) for t in (1, 2, 3)}
+    s_hid = {s: torch.randn(B, T, 8, generator=g) for s in (1, 2, 3)}
+    batch = Batch(input_ids=torch.zeros(B, T, dtype=torch.long), mask=mask, hidden=hid)
+    got = method.loss(batch, StudentOutput(logits=torch.zeros(B, T, 11), hidden=s_hid), 0)
+
+    def huber(a, b):
+        d = abs(a - b)
+        return 0.5 * d * d if d < 1 else d - 0.5
+
+    def cos_angle(a, b):
+        na, nb = a.norm(), b.norm()
+        return 0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb))
+
+    def norm_dists(vectors):
+        d = [[float((u - v).norm()) for v in vectors] for u in vectors]
+        nonzero = [x for row in d for x in row if x > 0]
+        mean = sum(nonzero) / len(nonzero)
+        return [[x / mean for x in row] for row in d]
+
+    wr_d = wr_a = ltr_d = ltr_a = 0.0
+    n_wr_d = n_wr_a = n_ltr_d = n_ltr_a = 0
+    for b in range(B):
+        n = int(mask[b].sum())
+        for layer in (1, 2, 3):
+            tv, sv = hid[layer][b, :n], s_hid[layer][b, :n]
+            td, sd = norm_dists(tv), norm_dists(sv)
+            wr_d += sum(huber(sd[i][j], td[i][j]) for i in range(n) for j in range(n))
+            n_wr_d += n * n
+            for i in range(n):
+                around = [min(max(i + o, 0), T - 1) for o in (-1, 0, 1)]
+                for j in around:
+                    for k in around:
+                        if j < n and k < n:
+                            ta = cos_angle(hid[layer][b, j] - hid[layer][b, i], hid[layer][b, k] - hid[layer][b, i])
+                            sa = cos_angle(s_hid[layer][b, j] - s_hid[layer][b, i], s_hid[layer][b, k] - s_hid[layer][b, i])
+                            wr_a += huber(sa, ta)
+                            n_wr_a += 1
+        for i in range(n):
+            tv = [hid[layer][b, i] for layer in (1, 2, 3)]
+            sv = [s_hid[layer][b, i] for layer in (1, 2, 3)]
+            td, sd = norm_dists(tv), norm_dists(sv)
+            ltr_d += sum(huber(sd[x][y], td[x][y]) for x in range(3) for y in range(3))
+            n_ltr_d += 9
+            for x in range(3):
+                for y in range(3):
+                    for z in range(3):
+                        ltr_a += huber(cos_angle(sv[y] - sv[x], sv[z] - sv[x]), cos_angle(tv[y] - tv[x], tv[z] - tv[x]))
+                        n_ltr_a += 1
+    for name, want in (("wr_dist", wr_d / n_wr_d), ("wr_angle", wr_a / n_wr_a), ("ltr_dist", ltr_d / n_ltr_d),
+                       ("ltr_angle", ltr_a / n_ltr_a)):
+        torch.testing.assert_close(got[name].double(), torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-6,
+                                   msg=name)
+
+
 @pytest.fixture(scope="module")
 def layer_cache(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("layers")
@@ -179,7 +241,8 @@ def layer_cache(tmp_path_factory, corpus):
 
 @pytest.mark.parametrize("method,term", [("minilmv2", "minilmv2/qq"), ("pkd", "pkd/pt"), ("tinybert", "tinybert/hid"),
                                          ("minilm", "minilm/at"), ("mobilebert", "mobilebert/fmt"),
-                                         ("alp_kd", "alp_kd/alp"), ("rail_kd:redraw_every=1000", "rail_kd/rail")])
+                                         ("alp_kd", "alp_kd/alp"), ("rail_kd:redraw_every=1000", "rail_kd/rail"),
+                                         ("ckd", "ckd/wr_dist")])
 def test_method_loss_falls_when_training_from_the_cache(method, term, layer_cache, tmp_path):
     distill(DistillConfig(cache=[str(layer_cache)], student="teacher:layers=2,hidden=16", out=str(tmp_path / "run"),
                           method=[method], steps=40, batch_size=4, lr=3e-3, eval_sequences=8, quiet=True))

@@ -1,5 +1,5 @@
 """Distillation methods: one file each, registered by name (see base.py)."""
 
 from kdpipe.stage2_distill.methods import (  # noqa: F401  (registration)
-    alp_kd, annealing_kd, distilbert, kd, lm, minilm, minilmv2, mobilebert, pd, pkd, rail_kd, tinybert)
+    alp_kd, annealing_kd, ckd, distilbert, kd, lm, minilm, minilmv2, mobilebert, pd, pkd, rail_kd, tinybert)
 from kdpipe.stage2_distill.methods.base import METHODS, Batch, Context, Method, Needs, StudentOutput  # noqa: F401
