@@ -74,6 +74,10 @@ def test_pkd_equals_the_patient_teacher_formula():
         s_vec, t_vec = s_h[b, :n].mean(0), t_h[b, :n].mean(0)
         want += ((s_vec / s_vec.norm() - t_vec / t_vec.norm()) ** 2).sum() / B
     torch.testing.assert_close(got, 10.0 * want, rtol=1e-5, atol=1e-6)
+    per_token = PKD({"beta": 1.0, "alpha": 0.0, "pooling": "token"}, ctx)
+    got = per_token.loss(batch, StudentOutput(logits=logits, hidden={1: s_h}), 0)["pt"]
+    dist = ((s_h / s_h.norm(dim=-1, keepdim=True) - t_h / t_h.norm(dim=-1, keepdim=True)) ** 2).sum(-1)
+    torch.testing.assert_close(got, dist[mask].mean(), rtol=1e-5, atol=1e-6)
 
 
 def causal_softmax_log(scores):

@@ -4,7 +4,8 @@ L = (1 - alpha) * hard-label loss + alpha * T^2 KL(p_T || q_T)
     + beta * sum_j || h_s_j / ||h_s_j|| - h_t_m(j) / ||h_t_m(j)|| ||^2
 over the pooled hidden states of the student's intermediate layers j = 1..S-1 and the teacher layers the
 layer map gives them: `skip` (PKD-Skip, every L/S-th) or `last` (PKD-Last). The paper pools [CLS];
-a causal LM has none, so `pooling` is mean (default), last or first. When the widths differ, a learned
+a causal LM has none, so `pooling` is mean (default), last or first, or `token`: every valid token's
+normalized vector, averaged (what GKD's implementation does for GLM, which has no [CLS] either). When the widths differ, a learned
 linear map takes the student's vector to the teacher's width (the paper's student keeps the width).
 """
 
@@ -24,7 +25,7 @@ from kdpipe.stage2_distill.methods.kd import soft_loss, soft_needs
 class PKD(Method):
     name = "pkd"
     paper = "Sun et al. 2019"
-    adapted = "pooled hidden states (mean, last or first token) instead of [CLS]"
+    adapted = "pooled hidden states (mean, last, first token, or every token) instead of [CLS]"
     defaults = {"alpha": 0.5, "beta": 100.0, "temperature": 2.0, "strategy": "skip", "pooling": "mean",
                 "estimator": "bucket"}
 
@@ -50,8 +51,13 @@ class PKD(Method):
         if self.pairs and p["beta"]:
             pt = 0.0
             for s_layer, t_layer in self.pairs:
-                s_vec = F.normalize(self.project(pool(out.hidden[s_layer].float(), batch.mask, p["pooling"])), dim=-1)
-                t_vec = F.normalize(pool(batch.hidden[t_layer], batch.mask, p["pooling"]), dim=-1)
+                s_h, t_h = self.project(out.hidden[s_layer].float()), batch.hidden[t_layer]
+                if p["pooling"] == "token":
+                    dist = ((F.normalize(s_h, dim=-1) - F.normalize(t_h, dim=-1)) ** 2).sum(-1)
+                    pt = pt + (dist * batch.mask).sum() / batch.mask.sum().clamp_min(1)
+                    continue
+                s_vec = F.normalize(pool(s_h, batch.mask, p["pooling"]), dim=-1)
+                t_vec = F.normalize(pool(t_h, batch.mask, p["pooling"]), dim=-1)
                 pt = pt + ((s_vec - t_vec) ** 2).sum(-1).mean()
             terms["pt"] = p["beta"] * pt
         return terms
