@@ -41,6 +41,16 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
                     f"Hugging Face models that keep their blocks in one ModuleList")
 
 
+def self_attention(block: nn.Module) -> nn.Module | None:
+    """A block's self-attention module: the one transformers hands to its attention function (it has
+    `scaling`), not a cross-attention, not the wrapper around it."""
+    for module in block.modules():
+        if "Attention" in type(module).__name__ and hasattr(module, "scaling") \
+                and not getattr(module, "is_cross_attention", False):
+            return module
+    return None
+
+
 def parse_layers(spec: str | Sequence[int] | None, num_layers: int, first: int, what: str) -> list[int]:
     """Layer list from `all`, `none`, `uniform:N`, `last:N` or `0,4,8`; valid layers are first..num_layers."""
     if spec is None:
@@ -153,14 +163,11 @@ class Capture:
                 self._handles.append(blocks[layer - 1].register_forward_hook(self._out_hook(layer)))
         if self.attention_layers:
             for layer in self.attention_layers:
-                for module in blocks[layer - 1].modules():
-                    if "Attention" in type(module).__name__ and not getattr(module, "is_cross_attention", False) \
-                            and hasattr(module, "scaling"):
-                        module._kdpipe_tap = self._attention_tap(layer)
-                        self._tapped.append(module)
-                        break
-                else:
+                module = self_attention(blocks[layer - 1])
+                if module is None:
                     raise UserError(f"cannot find the self-attention of block {layer} in {type(self.model).__name__}")
+                module._kdpipe_tap = self._attention_tap(layer)
+                self._tapped.append(module)
             impl = text_config(self.model)._attn_implementation or "eager"
             self._saved_impl = impl
             if not impl.startswith(_PREFIX):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from kdpipe.capture import find_blocks, parse_layers, text_config
+from kdpipe.capture import find_blocks, parse_layers, self_attention, text_config
 from kdpipe.errors import UserError
 from kdpipe.stage1_extract.corpus import expand_sources, iter_documents, pack, tokenize_documents
 from kdpipe.stage1_extract.engines import Ranks, load_deepspeed_teacher
@@ -211,7 +211,7 @@ def _with_unit_temperature(temperatures: list[float]) -> list[float]:
 
 
 def _attention_scaling(model, layer: int) -> float:
-    for module in find_blocks(model)[layer - 1].modules():
-        if hasattr(module, "scaling") and "Attention" in type(module).__name__:
-            return float(module.scaling)
-    raise UserError(f"cannot find the attention scale of block {layer}")
+    module = self_attention(find_blocks(model)[layer - 1])
+    if module is None:
+        raise UserError(f"cannot find the attention scale of block {layer}")
+    return float(module.scaling)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdpipe.capture import find_blocks, text_config
+from kdpipe.capture import find_blocks, self_attention, text_config
 from kdpipe.modelio import DTYPES, TeacherSource, load_teacher, resolve_teacher  # noqa: F401  (re-exported)
 from kdpipe.errors import UserError
 from kdpipe.storage.fingerprint import config_fingerprint, vocab_fingerprint
@@ -42,7 +42,7 @@ def describe_teacher(model: nn.Module, name: str, dtype: str) -> TeacherInfo:
     hidden = cfg.hidden_size
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     blocks = find_blocks(model)
-    attn = next((m for m in blocks[0].modules() if hasattr(m, "is_causal")), None)
+    attn = self_attention(blocks[0])
     return TeacherInfo(
         name=name,
         architecture=type(model).__name__,
