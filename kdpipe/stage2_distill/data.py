@@ -30,7 +30,7 @@ class Split:
 
     @classmethod
     def choose(cls, cache: TeacherCache, eval_sequences: int, seed: int) -> "Split":
-        units = [u for u in range(cache.manifest.layout.num_units) if _unit_done(cache, u)]
+        units = np.flatnonzero(cache.units_done()).tolist()
         per = cache.manifest.layout.sequences_per_unit
         n_eval = min(len(units) - 1, -(-eval_sequences // per)) if eval_sequences > 0 else 0
         if len(units) < 2 and eval_sequences > 0:
@@ -38,10 +38,6 @@ class Split:
                             f"use --eval-sequences 0 or extract more data")
         order = np.random.default_rng([seed, 7]).permutation(units).tolist()
         return cls(train_units=sorted(order[n_eval:]), eval_units=sorted(order[:n_eval]))
-
-
-def _unit_done(cache: TeacherCache, unit: int) -> bool:
-    return bool(cache.group["ledger/done"][unit])
 
 
 def merge_needs(needs: list[Needs]) -> Needs:

@@ -43,14 +43,18 @@ class TeacherCache:
     def seq_len(self) -> int:
         return self.manifest.data.seq_len
 
+    def units_done(self) -> np.ndarray:
+        """One flag per work unit, read from the ledger in one go."""
+        return np.asarray(self.group[LEDGER][:]).astype(bool)
+
     def progress(self) -> tuple[int, int]:
-        done = np.asarray(self.group[LEDGER][:]).astype(bool)
+        done = self.units_done()
         return int(done.sum()), len(done)
 
     def done_sequences(self) -> np.ndarray:
         """Indices of sequences whose work unit is complete."""
         per = self.manifest.layout.sequences_per_unit
-        done = np.asarray(self.group[LEDGER][:]).astype(bool)
+        done = self.units_done()
         ids = np.arange(self.num_sequences)
         return ids[done[ids // per]]
 
