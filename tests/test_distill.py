@@ -129,6 +129,9 @@ def test_kdpipe_eval_reproduces_the_run_metrics(sharp, tmp_path):
         assert metrics[key] == pytest.approx(value, rel=1e-5), key
     everything = json.loads(kdpipe("eval", tmp_path / "run" / "student", "--cache", cache, "--json").stdout)
     assert everything["sequences"] == TeacherCache(cache).num_sequences
+    five = json.loads(kdpipe("eval", tmp_path / "run" / "student", "--cache", cache, "--json", "--batch-size", "3",
+                             "--max-sequences", "5").stdout)
+    assert five["sequences"] == 5
     assert_user_error(kdpipe("eval", tmp_path, "--cache", cache), "not a model directory")
 
 

@@ -158,11 +158,18 @@ class TrainBatches(torch.utils.data.IterableDataset):
                 self._thread.join(timeout=0.05)
 
 
-def eval_batches(cache: TeacherCache, needs: Needs, units: list[int], batch_size: int) -> Iterator[Batch]:
-    """The held-out units in order, in batches (the last one may be smaller)."""
+def eval_batches(cache: TeacherCache, needs: Needs, units: list[int], batch_size: int,
+                 max_sequences: int | None = None) -> Iterator[Batch]:
+    """The held-out units in order, in batches (the last one may be smaller), each unit read once;
+    at most `max_sequences` sequences in all."""
     reader = UnitReader(cache, needs)
+    left = cache.num_sequences if max_sequences is None else max_sequences
     for g in range(0, len(units), 4):
         buffer = reader.read_units(units[g:g + 4])
         n = len(buffer["input_ids"])
         for b in range(0, n, batch_size):
-            yield reader.batch(buffer, np.arange(b, min(n, b + batch_size)))
+            rows = np.arange(b, min(n, b + batch_size))[:left]
+            if not len(rows):
+                return
+            left -= len(rows)
+            yield reader.batch(buffer, rows)

@@ -43,11 +43,10 @@ def evaluate_model(student: str, cache_path: str, run_dir: str | None, max_seque
     import time
     from pathlib import Path
 
-    import numpy as np
     import transformers
 
     from kdpipe.errors import UserError
-    from kdpipe.stage2_distill.data import UnitReader
+    from kdpipe.stage2_distill.data import eval_batches
     from kdpipe.stage2_distill.methods.base import Needs
     from kdpipe.storage.reader import TeacherCache
 
@@ -58,29 +57,23 @@ def evaluate_model(student: str, cache_path: str, run_dir: str | None, max_seque
     vocab = model.get_output_embeddings().weight.shape[0]
     if vocab != cache.manifest.teacher.vocab_size:
         raise UserError(f"{student} has a vocabulary of {vocab}, the cache's teacher {cache.manifest.teacher.vocab_size}")
-    per = cache.manifest.layout.sequences_per_unit
     units = list(range(cache.manifest.layout.num_units))
     if run_dir:
         run_file = Path(run_dir) / "run.json"
         if not run_file.exists():
             raise UserError(f"{run_dir} is not a kdpipe distill run (no run.json)")
         units = json.loads(run_file.read_text())["split"]["eval_units"]
-    reader = UnitReader(cache, Needs(topk=True))
-    rows = [s for u in units for s in range(u * per, min((u + 1) * per, cache.num_sequences))][:max_sequences]
-    if not rows:
+    if not units or max_sequences == 0:
         raise UserError("no sequences to evaluate on")
+    seen = {"sequences": 0, "tokens": 0}
 
     def batches():
-        for b in range(0, len(rows), batch_size):
-            chunk = rows[b:b + batch_size]
-            read = sorted({s // per for s in chunk})
-            buffer = reader.read_units(read)
-            offset = dict(zip(read, np.cumsum([0] + [len(range(u * per, min((u + 1) * per, cache.num_sequences)))
-                                                     for u in read])))
-            yield reader.batch(buffer, np.asarray([offset[s // per] + s % per for s in chunk]))
+        for batch in eval_batches(cache, Needs(topk=True), units, batch_size, max_sequences):
+            seen["sequences"] += len(batch.input_ids)
+            seen["tokens"] += int(batch.mask.sum())
+            yield batch
 
     start = time.perf_counter()
     metrics = evaluate(model, batches(), torch.device(device), cache.manifest.data.packing == "padded")
     seconds = time.perf_counter() - start
-    tokens = int(cache.lengths(np.asarray(rows)).sum())
-    return {**metrics, "sequences": len(rows), "tokens_per_s": tokens / max(seconds, 1e-9)}
+    return {**metrics, "sequences": seen["sequences"], "tokens_per_s": seen["tokens"] / max(seconds, 1e-9)}
