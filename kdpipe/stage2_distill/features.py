@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.errors import UserError
-from kdpipe.storage.attention import repeat_kv
+from kdpipe.storage.attention import attention_scores, key_mask, repeat_kv
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -40,7 +40,7 @@ def relation_kl(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor
     """KL(softmax(teacher) || softmax(student)) over keys, causal and padding keys masked, averaged over
     relation heads and valid query positions."""
     t = teacher.shape[-1]
-    keep = torch.ones(t, t, dtype=torch.bool, device=teacher.device).tril()[None, None] & mask[:, None, None, :]
+    keep = key_mask(t, t, True, None, teacher.device) & mask[:, None, None, :]
     t_logp = F.log_softmax(teacher.masked_fill(~keep, float("-inf")), -1)
     s_logp = F.log_softmax(student.masked_fill(~keep, float("-inf")), -1)
     kl = (t_logp.exp() * (t_logp - s_logp)).masked_fill(~keep, 0).sum(-1)  # [B, R, T]
@@ -52,17 +52,11 @@ def causal_scores(q: torch.Tensor, k: torch.Tensor, scaling: float, heads_like: 
     """Pre-softmax attention scores [B, h, T, T] with the causally masked entries set to 0 (TinyBERT's
     convention for masked scores). With `heads_like` set and a different head count, the head mean
     [B, 1, T, T] is returned, so that models with different head counts can be compared."""
-    from kdpipe.storage.attention import attention_scores
-
     s = attention_scores(q, k, scaling)
-    t = s.shape[-1]
-    s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=s.device).tril(), 0.0)
+    s = s.masked_fill(~key_mask(s.shape[-2], s.shape[-1], True, None, s.device), 0.0)
     return s.mean(1, keepdim=True) if heads_like is not None and heads_like != s.shape[1] else s
 
 
 def causal_log_probs(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
-    from kdpipe.storage.attention import attention_scores
-
     s = attention_scores(q, k, scaling)
-    t = s.shape[-1]
-    return F.log_softmax(s.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=s.device).tril(), float("-inf")), -1)
+    return F.log_softmax(s.masked_fill(~key_mask(s.shape[-2], s.shape[-1], True, None, s.device), float("-inf")), -1)
