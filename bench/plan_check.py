@@ -59,7 +59,6 @@ def main() -> None:
     raw: dict[str, int] = {}
     for a in cache_summary(str(out))["arrays"]:
         group = a["name"].split("/")[0]
-        group = "logits" if group == "logits" else group
         raw[group] = raw.get(group, 0) + a["raw_bytes"]
     print(f"SmolLM2-135M, {args.sequences} x {args.seq_len} tokens, this CPU at {flops / 1e9:.0f} GFLOP/s (fp32 matmul)")
     print(f"{'quantity':28} {'planned':>16} {'measured':>16} {'measured/planned':>17}")

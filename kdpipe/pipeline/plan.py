@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdpipe.capture import parse_layers
+from kdpipe.capture import find_blocks, parse_layers
 from kdpipe.errors import UserError
 
 # Llama-shaped presets (vocabulary 32000): the sizes users ask about
@@ -90,7 +90,7 @@ def make_plan(teacher: str, tokens: float, seq_len: int, batch_size: int, top_k:
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     largest = max(p.numel() for p in model.parameters())
     layers = config.num_hidden_layers
-    block = sum(p.numel() for p in model.model.layers[0].parameters()) if hasattr(model, "model") else largest
+    block = sum(p.numel() for p in find_blocks(model)[0].parameters())
     h, vocab, heads = config.hidden_size, config.vocab_size, config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", heads) or heads
     d = getattr(config, "head_dim", None) or h // heads
