@@ -23,10 +23,13 @@ class _Group(click.Group):
     """Turns the mistakes a user can fix into one line on stderr and exit code 2, never a traceback."""
 
     def invoke(self, ctx: click.Context):
+        from kdpipe.distributed import leave_process_group
         from kdpipe.storage.writer import disk_error
 
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            leave_process_group()
+            return result
         except UserError as exc:
             click.echo(f"kdpipe: error: {exc}", err=True)
             ctx.exit(2)

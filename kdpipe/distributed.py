@@ -38,6 +38,18 @@ def init_process_group(device: str) -> None:
     dist.init_process_group(backend=backend)
 
 
+def leave_process_group() -> None:
+    """Tear the process group down after a successful command. A process that exits with gloo's worker
+    threads alive can die with SIGABRT ("terminate called without an active exception") after its work
+    is done. Only on success: after a failure the other ranks may be inside a collective, and a
+    barrier here would hang."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def read_deepspeed_json(path: str) -> dict[str, Any]:
     """A user's DeepSpeed config file."""
     try:
