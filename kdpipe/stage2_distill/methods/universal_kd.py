@@ -1,0 +1,60 @@
+"""Universal-KD: Wu, Rezagholizadeh, Ghaddar, Haidar, Ghodsi 2021, "Universal-KD: Attention-based
+Output-Grounded Intermediate Layer Knowledge Distillation".
+
+Every intermediate layer of both models is grounded in a common output space by its own learned map
+(the settled form of GKD's implementation: one linear map per layer to `size` dimensions, read as
+logits); each student layer j attends over all teacher layers, alpha_ji = softmax_i(g_s_j . g_t_i),
+and matches the attended target by KL(softmax(sum_i alpha_ji g_t_i) || softmax(g_s_j)). Like ALP-KD
+no layer mapping is chosen; unlike it the widths never need to agree. Vectors are pooled (`pooling`:
+mean, last or first) where the paper reads [CLS]. The teacher layers are whatever intermediate layers
+the cache holds, recorded in the run's method description. Combine with `kd` for the output layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdpipe.errors import UserError
+from kdpipe.stage2_distill.features import pool
+from kdpipe.stage2_distill.methods.base import Method, Needs, register
+
+
+@register
+class UniversalKD(Method):
+    name = "universal_kd"
+    paper = "Wu et al. 2021"
+    adapted = "pooled hidden states instead of [CLS]; learned per-layer grounding maps (as GKD) instead of the classifier"
+    defaults = {"pooling": "mean", "size": 0}
+
+    def __init__(self, params, ctx):
+        super().__init__(params, ctx)
+        self.teacher_layers = [x for x in ctx.cached_hidden if 0 < x < ctx.teacher.num_layers]
+        if not self.teacher_layers or ctx.student_layers < 2:
+            raise UserError("method universal_kd needs intermediate teacher hidden states and a student of 2 or more "
+                            "layers: re-extract with `kdpipe extract --hidden-layers all ...`")
+        size = int(self.params["size"]) or ctx.student_hidden
+        self.ground_teacher = nn.ModuleList(nn.Linear(ctx.teacher.hidden_size, size, bias=False)
+                                            for _ in self.teacher_layers)
+        self.ground_student = nn.ModuleList(nn.Linear(ctx.student_hidden, size, bias=False)
+                                            for _ in self.student_layers())
+
+    def needs(self) -> Needs:
+        return Needs(hidden=self.teacher_layers)
+
+    def student_layers(self) -> list[int]:
+        return list(range(1, self.ctx.student_layers))
+
+    def loss(self, batch, out, step):
+        how = self.params["pooling"]
+        t = torch.stack([g(pool(batch.hidden[i], batch.mask, how)) for g, i in
+                         zip(self.ground_teacher, self.teacher_layers)], 1)  # [B, L', u]
+        total = 0.0
+        for g, j in zip(self.ground_student, self.student_layers()):
+            s = g(pool(out.hidden[j].float(), batch.mask, how))  # [B, u]
+            alpha = torch.softmax((t @ s.unsqueeze(-1)).squeeze(-1), -1)  # [B, L']
+            target = (alpha.unsqueeze(-1) * t).sum(1)
+            t_logp, s_logp = F.log_softmax(target, -1), F.log_softmax(s, -1)
+            total = total + (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+        return {"universal": total}
