@@ -133,12 +133,16 @@ class Capture:
     `attention_form`: "probs" records post-softmax maps [B, h, T, T] (float32); "factors" records the
     post-RoPE (q, k, v) handed to the attention function ([B, h, T, d], k/v with the model's KV heads).
     `detach=False` keeps the autograd graph (a student being trained).
+    `edits` intervene: edits[i](h) replaces hidden layer i (0 .. L-1) before the next block reads it
+    (Theseus' module replacement, DIITO's interchange); what is recorded is the edited state.
     """
 
     def __init__(self, model: nn.Module, hidden_layers: Sequence[int] = (), attention_layers: Sequence[int] = (),
-                 attention_form: str | None = None, detach: bool = True):
+                 attention_form: str | None = None, detach: bool = True,
+                 edits: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None):
         self.model, self.detach = model, detach
         self.hidden_layers, self.attention_layers = list(hidden_layers), list(attention_layers)
+        self.edits = dict(edits or {})
         self.attention_form = attention_form
         self.hidden: dict[int, torch.Tensor] = {}
         self.attention: dict[int, torch.Tensor | tuple[torch.Tensor, ...]] = {}
@@ -153,7 +157,9 @@ class Capture:
     def __enter__(self) -> "Capture":
         blocks = find_blocks(self.model)
         num_layers = len(blocks)
-        for layer in self.hidden_layers:
+        if any(not 0 <= layer < num_layers for layer in self.edits):
+            raise UserError(f"hidden states can be edited at layers 0..{num_layers - 1} (the inputs of blocks)")
+        for layer in sorted(set(self.hidden_layers) | set(self.edits)):
             if layer == 0:
                 self._handles.append(blocks[0].register_forward_pre_hook(self._pre_hook(0), with_kwargs=True))
             elif layer == num_layers:
@@ -190,13 +196,23 @@ class Capture:
     def _pre_hook(self, layer: int):
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
+            edit = self.edits.get(layer)
+            if edit is not None:
+                x = edit(x)
+                args, kwargs = ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
             self.hidden[layer] = self._keep(x)
+            return (args, kwargs) if edit is not None else None
         return hook
 
     def _out_hook(self, layer: int):
         def hook(module, args, output):
             x = output if torch.is_tensor(output) else output[0]
+            edit = self.edits.get(layer)
+            if edit is not None:
+                x = edit(x)
+                output = x if torch.is_tensor(output) else (x, *output[1:])
             self.hidden[layer] = self._keep(x)
+            return output if edit is not None else None
         return hook
 
     def _attention_tap(self, layer: int):

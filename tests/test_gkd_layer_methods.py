@@ -174,3 +174,45 @@ def test_sid_loss_falls_within_its_first_stage(layer_cache, tmp_path):
     stage1 = [x["sid/cos"] + x["sid/att"] for x in lines[:20]]
     assert np.mean(stage1[-5:]) < 0.8 * np.mean(stage1[:5])
     assert all(x["sid/kd"] == 0 for x in lines[:40]) and all(x["sid/kd"] > 0 for x in lines[40:])
+
+
+def test_theseus_hybrid_runs_the_upper_student_layers_on_the_cached_teacher_state():
+    from kdpipe.stage2_distill.losses import lm_loss
+    from kdpipe.stage2_distill.methods.theseus import Theseus
+    from kdpipe.stage2_distill.trainer import student_runner
+    from tiny import make_model
+
+    student = make_model("llama", 11, layers=2, hidden=16, heads=4).eval()
+    ctx = ctx_for(student_layers=2, student_hidden=16, steps=10)
+    kept_always = Theseus({"replace_rate": 0.0, "full_at": 1000}, ctx)
+    assert kept_always.boundaries == [(1, 2)] and kept_always.needs().hidden == [2]
+    ids = torch.randint(0, 11, (B, T), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    t_h2 = randn(B, T, 32, seed=7)
+    batch = Batch(input_ids=ids, mask=mask, hidden={2: t_h2})
+    out = StudentOutput(logits=student(input_ids=ids).logits, run=student_runner(student, False))
+    got = kept_always.loss(batch, out, 0)["theseus"]
+    # directly: the student's second block, final norm and head applied to the projected teacher state
+    h = t_h2 @ kept_always.project.weight.T
+    pos = torch.arange(T)[None]
+    block_out = student.model.layers[1](h, attention_mask=None, position_ids=pos,
+                                        position_embeddings=student.model.rotary_emb(h, pos))
+    block_out = block_out if torch.is_tensor(block_out) else block_out[0]
+    want = lm_loss(student.lm_head(student.model.norm(block_out)), ids, mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # all modules replaced: the plain student's loss, no second forward
+    replaced = Theseus({"replace_rate": 1.0}, ctx)
+    assert replaced.kept(3) == []
+    plain = replaced.loss(batch, StudentOutput(logits=out.logits, run=None), 3)["theseus"]
+    torch.testing.assert_close(plain, lm_loss(out.logits, ids, mask))
+    # the rate rises linearly to 1 at full_at of the run; the draws are seeded
+    half = Theseus({"replace_rate": 0.5, "full_at": 0.5}, ctx)
+    assert [half.rate(s) for s in (0, 2, 5, 9)] == [0.5, 0.7, 1.0, 1.0]
+    assert [half.kept(s) for s in range(5)] == [half.kept(s) for s in range(5)]
+    assert 0 < sum(bool(half.kept(s)) for s in range(100)) < 100 or half.rate(0) in (0, 1)
+
+
+def test_theseus_loss_falls_when_training_from_the_cache(layer_cache, tmp_path):
+    lines = _curve(tmp_path, layer_cache, "theseus:replace_rate=0.3,objective=kd", lr=1e-2)
+    first, last = np.mean([x["theseus/theseus"] for x in lines[:5]]), np.mean([x["theseus/theseus"] for x in lines[-5:]])
+    assert last < 0.8 * first, (first, last)

@@ -86,6 +86,15 @@ def _autocast(cfg: DistillConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def student_runner(model, padded: bool):
+    """A forward of the student with some hidden states edited, keeping the graph (StudentOutput.run)."""
+    def run(input_ids, mask, edits, hidden_layers=()):
+        with Capture(model, hidden_layers, edits=edits, detach=False) as cap:
+            logits = model(input_ids=input_ids, attention_mask=mask.long() if padded else None, use_cache=False).logits
+        return logits, dict(cap.hidden)
+    return run
+
+
 def distill(cfg: DistillConfig) -> DistillResult:
     if len(cfg.cache) != 1:
         raise UserError("one --cache for now: several teachers come with the multi-teacher methods")
@@ -132,6 +141,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
                                               "cache_fingerprint": m.data.fingerprint}, indent=2))
 
     padded = m.data.packing == "padded"
+    run_student = student_runner(model, padded)
     evaluate_now = lambda: evaluate(model, eval_batches(cache, needs, split.eval_units, cfg.batch_size), device, padded)  # noqa: E731
     initial = evaluate_now() if split.eval_units and start == 0 else {}
     rank, world = distributed_env()
@@ -158,7 +168,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
                     logits = model(input_ids=batch.input_ids, attention_mask=batch.mask.long() if padded else None,
                                    use_cache=False).logits
                     outputs = StudentOutput(logits=logits, hidden=dict(cap.hidden), factors=dict(cap.attention),
-                                            scaling=cap.scaling)
+                                            scaling=cap.scaling, run=run_student)
                     terms = {f"{mt.name}/{k}": mt.weight * v for mt in methods
                              for k, v in mt.loss(batch, outputs, step).items()}
                     loss = sum(terms.values())

@@ -9,7 +9,7 @@ over the batch and the student's outputs. A new method is one new file with a `@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -47,6 +47,9 @@ class StudentOutput:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # student layer -> [B, T, H_s]
     factors: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # student block -> (q, k, v)
     scaling: float | None = None  # the student's softmax scale of Q K^T
+    # run(input_ids, mask, edits, hidden_layers) -> (logits, hidden): another student forward with hidden
+    # states edited (see capture.Capture), for methods that intervene (Theseus, DIITO)
+    run: Callable[..., tuple[torch.Tensor, dict[int, torch.Tensor]]] | None = None
 
 
 @dataclass
