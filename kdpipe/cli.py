@@ -76,6 +76,11 @@ def cli() -> None:
               help="probs: post-softmax maps (h*T*T); factors: post-RoPE Q/K/V (3*h*T*d), exact on read.")
 @click.option("--attention-dtype", type=click.Choice(["float16", "uint8"]), default="float16",
               help="Storage of attention probs.")
+@click.option("--interchange", "interchange_layers", default="none",
+              help="DIITO: teacher layers (1..L-1: all, uniform:N or a list) of interchange interventions whose "
+                   "counterfactual top-k is cached; one more teacher forward per batch.")
+@click.option("--interchange-rate", type=float, default=0.3,
+              help="DIITO: the interchanged span, as a fraction of the shorter sequence.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               help="Teacher compute dtype.")
 @click.option("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (hf engine: device_map over the GPUs).")
@@ -116,10 +121,14 @@ def extract(**opts) -> None:
                                      opts["trust_remote_code"])
         chosen["temperatures"] = sorted(set(chosen["temperatures"]) | set(opts["temperatures"]))
         chosen["sample_count"] = max(chosen["sample_count"], opts["sample_count"])
+        if chosen["interchange_layers"] == "none":  # keep an explicit --interchange
+            chosen.pop("interchange_layers")
         opts.update(chosen)
         click.echo(f"for {for_methods} with {student_layers}-layer students: hidden layers {chosen['hidden_layers']}, "
                    f"attention {chosen['attention_form']} of {chosen['attention_layers']}, temperatures "
-                   f"{','.join(f'{t:g}' for t in chosen['temperatures'])}", err=True)
+                   f"{','.join(f'{t:g}' for t in chosen['temperatures'])}"
+                   + (f", interchange at {chosen['interchange_layers']}" if "interchange_layers" in chosen else ""),
+                   err=True)
     result = run_extract(ExtractConfig(**opts))
     state = "complete" if result.complete else "INCOMPLETE (rerun with --resume)"
     click.echo(f"wrote {result.sequences_written} sequences ({result.tokens_written} tokens) to {result.path} in "

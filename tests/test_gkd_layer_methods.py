@@ -15,7 +15,7 @@ from kdpipe.stage2_distill.methods.mgskd import MGSKD, pair_relations, sample_an
 from kdpipe.stage2_distill.methods.sid import SID
 from kdpipe.stage2_distill.methods.universal_kd import UniversalKD
 from kdpipe.stage2_distill.trainer import DistillConfig, distill
-from test_layer_methods import layer_cache, teacher_info  # noqa: F401  (fixture)
+from test_layer_methods import teacher_info
 
 B, T = 3, 6
 MASK = torch.tensor([[1] * 6, [1] * 6, [1, 1, 1, 1, 0, 0]], dtype=torch.bool)

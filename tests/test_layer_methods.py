@@ -233,16 +233,6 @@ def test_ckd_equals_its_relation_formulas():
                                    msg=name)
 
 
-@pytest.fixture(scope="module")
-def layer_cache(tmp_path_factory, corpus):
-    root = tmp_path_factory.mktemp("layers")
-    teacher = save_teacher(root / "teacher", "llama", sharpness=30)
-    extract(ExtractConfig(teacher=str(teacher), data=[str(corpus)], out=str(root / "cache"), seq_len=32, top_k=16,
-                          hidden_layers="all", attention_layers="all", attention_form="factors",
-                          sequences_per_unit=4, quiet=True))
-    return root / "cache"
-
-
 @pytest.mark.parametrize("method,term", [("minilmv2", "minilmv2/qq"), ("pkd", "pkd/pt"), ("tinybert", "tinybert/hid"),
                                          ("minilm", "minilm/at"), ("mobilebert", "mobilebert/fmt"),
                                          ("alp_kd", "alp_kd/alp"), ("rail_kd:redraw_every=1000", "rail_kd/rail"),

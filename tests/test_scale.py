@@ -17,7 +17,7 @@ from kdpipe.storage.writer import CRASH_ENV
 from tiny import save_teacher
 
 SIGNALS = ["--seq-len", "32", "--top-k", "8", "--temperatures", "1,2", "--sample-count", "4", "--hidden-layers",
-           "all", "--attention-layers", "all", "--sequences-per-unit", "4", "--quiet"]
+           "all", "--attention-layers", "all", "--interchange", "all", "--sequences-per-unit", "4", "--quiet"]
 
 
 def env(**extra: str) -> dict:
@@ -131,7 +131,7 @@ def test_full_disk_is_one_line_and_resumable(baseline, teachers, corpus, tmp_pat
         pytest.skip("needs root to mount a small tmpfs")
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(disk)]).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=480k", "tmpfs", str(disk)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
         out = disk / "cache"

@@ -40,4 +40,5 @@ def signals_for_methods(specs: list[str], teacher: str, student_layers: int,
         "attention_form": "factors",
         "temperatures": temperatures,
         "sample_count": 32 if any(n.sampled for n in needs) else 0,
+        "interchange_layers": ",".join(map(str, sorted({x for n in needs for x in n.interchange}))) or "none",
     }

@@ -43,6 +43,8 @@ class ExtractConfig:
     attention_layers: str = "none"
     attention_form: str = "factors"
     attention_dtype: str = "float16"
+    interchange_layers: str = "none"
+    interchange_rate: float = 0.3
     dtype: str = "float32"
     device: str = "cpu"
     engine: str = "hf"
@@ -85,6 +87,7 @@ def _check_options(cfg: ExtractConfig) -> None:
         (cfg.sequences_per_chunk is None or (cfg.sequences_per_chunk > 0
                                              and cfg.sequences_per_unit % cfg.sequences_per_chunk == 0),
          "--sequences-per-chunk must divide --sequences-per-unit"),
+        (0 < cfg.interchange_rate <= 1, "--interchange-rate must be in (0, 1]"),
         (cfg.hidden_keepbits is None or 1 <= cfg.hidden_keepbits <= 10, "--hidden-keepbits must be in 1..10"),
         (cfg.engine in ("hf", "deepspeed"), f"engine {cfg.engine!r} is not available: use --engine hf or deepspeed"),
         (cfg.offload in ("cpu", "nvme"), "--offload must be cpu or nvme"),
@@ -143,7 +146,8 @@ def extract(cfg: ExtractConfig, model=None, tokenizer=None) -> ExtractResult:
             written_seqs += s1 - s0
             written_tokens += int(lengths[s0:s1].sum())
         if cfg.engine == "deepspeed":
-            for _ in range(max(batches) - batches[ranks.rank]):
+            passes = 2 if manifest.signals.interchange_layers else 1  # a counterfactual forward per batch
+            for _ in range(passes * (max(batches) - batches[ranks.rank])):
                 runner.idle_forward(tokens)
     finally:
         bar.close()
@@ -168,6 +172,7 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
                         f"logits: pass the teacher's own --tokenizer")
     hidden_layers = parse_layers(cfg.hidden_layers, teacher.num_layers, 0, "hidden")
     attention_layers = parse_layers(cfg.attention_layers, teacher.num_layers, 1, "attention")
+    interchange_layers = parse_layers(cfg.interchange_layers, teacher.num_layers - 1, 1, "interchange")
 
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
@@ -187,7 +192,8 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
                            hidden_layers=hidden_layers, hidden_dtype=cfg.hidden_dtype,
                            hidden_keepbits=cfg.hidden_keepbits, attention_layers=attention_layers,
                            attention_form=cfg.attention_form if attention_layers else None,
-                           attention_dtype=cfg.attention_dtype),
+                           attention_dtype=cfg.attention_dtype, interchange_layers=interchange_layers,
+                           interchange_rate=cfg.interchange_rate if interchange_layers else 0.0),
         layout=Layout(sequences_per_unit=per_unit, sequences_per_chunk=cfg.sequences_per_chunk or per_unit,
                       num_units=math.ceil(n / per_unit)),
         engine=engine,

@@ -7,6 +7,7 @@ import torch
 
 from kdpipe.capture import Capture
 from kdpipe.errors import UserError
+from kdpipe.stage1_extract.interchange import interchange_edits, plan_unit, source_states
 from kdpipe.stage1_extract.logits import HeadTap, LogitSignals, LogitSpec
 from kdpipe.storage.codecs import bitround
 from kdpipe.storage.manifest import Manifest
@@ -20,29 +21,54 @@ class UnitRunner:
         self.model, self.m, self.batch_size = model, manifest, batch_size
         self.signals = LogitSignals(spec)
         s = manifest.signals
-        self.capture = Capture(model, s.hidden_layers, s.attention_layers, s.attention_form)
+        # interchange layers are captured too: their states are the sources of DIITO's interventions
+        hidden = sorted(set(s.hidden_layers) | set(s.interchange_layers))
+        self.capture = Capture(model, hidden, s.attention_layers, s.attention_form)
         self.head = HeadTap(model, self.signals)
         self.device = next(model.parameters()).device
         self.ids_dtype = id_dtype(manifest.teacher.vocab_size)
 
+    def _forward(self, tokens: np.ndarray, lengths: np.ndarray, sequence_ids: range, rows: range) -> None:
+        ids = torch.from_numpy(tokens[rows.start:rows.stop]).long().to(self.device)
+        mask = None
+        if self.m.data.packing == "padded":
+            lens = torch.from_numpy(lengths[rows.start:rows.stop]).to(self.device)
+            mask = (torch.arange(ids.shape[1], device=self.device)[None, :] < lens[:, None]).long()
+        self.capture.clear()
+        self.head.sequence_ids = list(sequence_ids[rows.start:rows.stop])
+        self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+
     @torch.inference_mode()
     def unit(self, tokens: np.ndarray, lengths: np.ndarray, sequence_ids: range, bar) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {}
-        bs = self.batch_size
+        s = self.m.signals
+        batches = [range(b0, min(b0 + self.batch_size, len(tokens))) for b0 in range(0, len(tokens), self.batch_size)]
+        plan = None
+        if s.interchange_layers:
+            unit = sequence_ids.start // self.m.layout.sequences_per_unit
+            plan = plan_unit(s.seed, unit, lengths, s.interchange_layers, s.interchange_rate)
+        states: dict[int, torch.Tensor] = {}
         with self.capture, self.head:
-            for b0 in range(0, len(tokens), bs):
-                ids = torch.from_numpy(tokens[b0:b0 + bs]).long().to(self.device)
-                mask = None
-                if self.m.data.packing == "padded":
-                    lens = torch.from_numpy(lengths[b0:b0 + bs]).to(self.device)
-                    mask = (torch.arange(ids.shape[1], device=self.device)[None, :] < lens[:, None]).long()
-                self.capture.clear()
-                self.head.sequence_ids = list(sequence_ids[b0:b0 + bs])
-                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            for rows in batches:
+                self._forward(tokens, lengths, sequence_ids, rows)
                 for name, arr in self._batch_arrays().items():
                     parts.setdefault(name, []).append(arr)
-                bar.update(int(lengths[b0:b0 + bs].sum()))
-        return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+                if plan is not None:
+                    states.update(source_states(plan, rows, self.capture.hidden))
+                bar.update(int(lengths[rows.start:rows.stop].sum()))
+            if plan is not None:  # the counterfactual runs, once every source state is known
+                for rows in batches:
+                    with Capture(self.model, edits=interchange_edits(plan, rows, states)):
+                        self._forward(tokens, lengths, sequence_ids, rows)
+                    parts.setdefault("interchange/topk_ids", []).append(
+                        self.signals.topk_ids.cpu().numpy().astype(self.ids_dtype))
+                    parts.setdefault("interchange/topk_values", []).append(
+                        self.signals.topk_values.to(torch.float16).cpu().numpy())
+        out = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+        if plan is not None:
+            out |= {"interchange/source": plan["source"] + sequence_ids.start, "interchange/layer": plan["layer"],
+                    "interchange/span": plan["span"]}
+        return out
 
     def _batch_arrays(self) -> dict[str, np.ndarray]:
         s, sig = self.m.signals, self.signals

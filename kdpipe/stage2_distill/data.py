@@ -44,7 +44,8 @@ def merge_needs(needs: list[Needs]) -> Needs:
     return Needs(topk=any(n.topk for n in needs), sampled=any(n.sampled for n in needs),
                  hidden=sorted({layer for n in needs for layer in n.hidden}),
                  factors=sorted({layer for n in needs for layer in n.factors}),
-                 attention=sorted({layer for n in needs for layer in n.attention}))
+                 attention=sorted({layer for n in needs for layer in n.attention}),
+                 interchange=sorted({layer for n in needs for layer in n.interchange}))
 
 
 class UnitReader:
@@ -71,6 +72,11 @@ class UnitReader:
             for layer in self.needs.factors:
                 for part, x in zip("qkv", self.cache.attention_factors(layer, index)):
                     arrays[f"factors/{layer}/{part}"] = x
+            if self.needs.interchange:  # sources are sequences of the same unit, already read
+                plan = self.cache.interchange(index)
+                local = plan["source"] - index.start
+                plan["source_ids"], plan["source_length"] = arrays["input_ids"][local], arrays["length"][local]
+                arrays.update({f"interchange/{k}": v for k, v in plan.items()})
             for key, value in arrays.items():
                 parts.setdefault(key, []).append(value)
         return {k: np.concatenate(v) for k, v in parts.items()}
@@ -88,6 +94,7 @@ class UnitReader:
             attention={int(k.split("/")[1]): v for k, v in pick.items() if k.startswith("attention/")},
             factors={layer: tuple(pick[f"factors/{layer}/{p}"] for p in "qkv")
                      for layer in {int(k.split("/")[1]) for k in pick if k.startswith("factors/")}},
+            interchange={k.split("/", 1)[1]: v for k, v in pick.items() if k.startswith("interchange/")},
             sequence_ids=pick["sequence_ids"],
         )
 

@@ -68,6 +68,8 @@ class SignalSpec:
     attention_form: str | None = None  # "probs" or "factors"
     attention_dtype: str = "float16"  # probs only: "float16" or "uint8" (p * 255, rounded)
     attention_scaling: float | None = None  # softmax scale of Q K^T, needed to recompute from factors
+    interchange_layers: list[int] = field(default_factory=list)  # DIITO: teacher layers of the interventions
+    interchange_rate: float = 0.0  # DIITO: interchanged span, as a fraction of the shorter sequence
 
 
 @dataclass

@@ -103,6 +103,17 @@ class TeacherCache:
             raise UserError(f"{self.path} has no sampled logits: re-extract with --sample-count M")
         return self._read("sampled/ids", index).astype(np.int64), self._read("sampled/counts", index).astype(np.int64)
 
+    def interchange(self, index: Index = slice(None)) -> dict[str, np.ndarray]:
+        """DIITO's interventions: source (sequence id), layer (teacher), span (base start, source start,
+        length) and the counterfactual top-k ids (int64) and log-probabilities at T=1 (float32)."""
+        if not self.manifest.signals.interchange_layers:
+            raise UserError(f"{self.path} has no interchange interventions: re-extract with --interchange LAYERS")
+        return {"source": self._read("interchange/source", index).astype(np.int64),
+                "layer": self._read("interchange/layer", index).astype(np.int64),
+                "span": self._read("interchange/span", index).astype(np.int64),
+                "topk_ids": self._read("interchange/topk_ids", index).astype(np.int64),
+                "topk_logprobs": self._read("interchange/topk_values", index).astype(np.float32)}
+
     def hidden(self, layer: int, index: Index = slice(None)) -> np.ndarray:
         if layer not in self.manifest.signals.hidden_layers:
             raise UserError(f"{self.path} has no hidden states of layer {layer} (stored: "

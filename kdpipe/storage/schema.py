@@ -58,6 +58,14 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
             # grouped-query teachers keep their K/V heads: repeating them on read is exact and saves space
             for part, heads in (("q", teacher.num_heads), ("k", teacher.num_kv_heads), ("v", teacher.num_kv_heads)):
                 specs.append(ArraySpec(attention_name(layer, part), (n, heads, t, teacher.head_dim), "float16", "floats"))
+    if s.interchange_layers:
+        specs += [
+            ArraySpec("interchange/source", (n,), "int32", "raw"),
+            ArraySpec("interchange/layer", (n,), "int16", "raw"),
+            ArraySpec("interchange/span", (n, 3), "int32", "raw"),
+            ArraySpec("interchange/topk_ids", (n, t, s.top_k), ids, "ids"),
+            ArraySpec("interchange/topk_values", (n, t, s.top_k), "float16", "floats"),
+        ]
     return specs
 
 

@@ -31,14 +31,17 @@ class Batch:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> [B, T, H]
     factors: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # block -> post-RoPE (q, k, v)
     attention: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> probs [B, h, T, T], either form
+    # DIITO's interventions (storage.reader.TeacherCache.interchange) plus source_ids / source_length
+    interchange: dict[str, torch.Tensor] = field(default_factory=dict)
     sequence_ids: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
         moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()
-                 if k not in ("hidden", "factors", "attention")}
+                 if k not in ("hidden", "factors", "attention", "interchange")}
         return Batch(**moved, hidden={k: v.to(device) for k, v in self.hidden.items()},
                      factors={k: tuple(x.to(device) for x in v) for k, v in self.factors.items()},
-                     attention={k: v.to(device) for k, v in self.attention.items()})
+                     attention={k: v.to(device) for k, v in self.attention.items()},
+                     interchange={k: v.to(device) for k, v in self.interchange.items()})
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Needs:
     hidden: list[int] = field(default_factory=list)
     factors: list[int] = field(default_factory=list)  # blocks whose Q/K/V (attention form `factors`) are read
     attention: list[int] = field(default_factory=list)  # blocks whose attention probs are read (either form)
+    interchange: list[int] = field(default_factory=list)  # DIITO: teacher layers it would intervene at (any will do)
 
     def missing(self, m: Manifest) -> list[str]:
         """The `kdpipe extract` flags that would add what the cache lacks (empty: all present)."""
@@ -92,6 +96,8 @@ class Needs:
         if set(self.attention) - set(s.attention_layers):
             wanted = sorted(set(self.attention) | set(s.attention_layers))
             flags.append(f"--attention-layers {','.join(map(str, wanted))}")
+        if self.interchange and not s.interchange_layers:
+            flags.append(f"--interchange {','.join(map(str, self.interchange))}")
         have = set(s.attention_layers) if s.attention_form == "factors" else set()
         if set(self.factors) - have:
             wanted = sorted(set(self.factors) | have)
