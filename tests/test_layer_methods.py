@@ -126,6 +126,13 @@ def test_minilm_equals_attention_and_value_relation_kl():
             causal_softmax_log(s_f[2] @ s_f[2].transpose(-1, -2) / 8 ** 0.5))
     torch.testing.assert_close(got["at"], at, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got["vr"], vr, rtol=1e-5, atol=1e-6)
+    # attention transfer alone, from stored probabilities: the same value
+    probs = causal_softmax_log(t_f[0] @ t_f[1].transpose(-1, -2) * 0.35).exp()
+    at_only = MiniLM({"alpha_vr": 0}, ctx)
+    assert at_only.needs().attention == [3] and not at_only.needs().factors
+    got = at_only.loss(Batch(input_ids=batch.input_ids, mask=batch.mask, attention={3: probs}),
+                       StudentOutput(logits=torch.zeros(B, T, 11), factors={1: s_f}, scaling=0.2), 0)
+    torch.testing.assert_close(got["at"], at, rtol=1e-5, atol=1e-6)
 
 
 def test_mobilebert_alp_kd_and_rail_kd_equal_their_formulas():
@@ -259,6 +266,11 @@ def test_mobilebert_trains_from_attention_probs_too(corpus, tmp_path):
                           quiet=True))
     lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()][1:]
     assert np.mean([x["mobilebert/at"] for x in lines[-5:]]) < 0.8 * np.mean([x["mobilebert/at"] for x in lines[:5]])
+    # MiniLM's attention transfer alone reads distributions too, and equals its value from the factors form
+    distill(DistillConfig(cache=[str(tmp_path / "c")], student="teacher:layers=2,hidden=16", out=str(tmp_path / "m"),
+                          method=["minilm:alpha_vr=0"], steps=30, batch_size=4, lr=3e-3, eval_sequences=8, quiet=True))
+    lines = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert np.mean([x["minilm/at"] for x in lines[-5:]]) < 0.8 * np.mean([x["minilm/at"] for x in lines[:5]])
 
 
 def test_missing_attention_factors_name_the_extract_flags(corpus, tmp_path):

@@ -6,7 +6,9 @@ per-head attention distributions, plus value-relation transfer KL(VR_t || VR_s) 
 VR = softmax(V V^T / sqrt(d)) per head; both averaged over heads and (valid) query positions. From
 the cache: the teacher's Q/K/V factors of that block; the distributions are recomputed exactly.
 MiniLM keeps the head count; when it differs here, attention is compared as the head-mean
-distribution and value relations through re-split relation heads (as MiniLMv2 does).
+distribution and value relations through re-split relation heads (as MiniLMv2 does). With
+alpha_vr=0 only distributions are needed, so a cache of stored attention probs serves too; value
+relations need V, which only the factors form holds.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from kdpipe.stage2_distill.features import causal_log_probs, relation_kl, relation_logits
-from kdpipe.stage2_distill.methods.base import BlockPairMethod, register
+from kdpipe.stage2_distill.methods.base import BlockPairMethod, Needs, register
 
 
 def _attention_kl(t_logp: torch.Tensor, s_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -36,12 +38,18 @@ class MiniLM(BlockPairMethod):
     adapted = "head-mean attention and re-split value relations when head counts differ"
     defaults = {**BlockPairMethod.defaults, "alpha_at": 1.0, "alpha_vr": 1.0}
 
+    def needs(self) -> Needs:
+        return super().needs() if self.params["alpha_vr"] else Needs(attention=[self.block_pair()[0]])
+
     def loss(self, batch, out, step):
         t_layer, s_layer = self.block_pair()
-        tq, tk, tv = batch.factors[t_layer]
         sq, sk, sv = out.factors[s_layer]
-        at = _attention_kl(causal_log_probs(tq, tk, self.ctx.teacher_attention_scaling),
-                           causal_log_probs(sq, sk, out.scaling), batch.mask)
+        s_logp = causal_log_probs(sq, sk, out.scaling)
+        if not self.params["alpha_vr"]:  # distributions only: either cached form
+            return {"at": self.params["alpha_at"] * _attention_kl(batch.attention[t_layer].log(), s_logp, batch.mask),
+                    "vr": s_logp.new_zeros(())}
+        tq, tk, tv = batch.factors[t_layer]
+        at = _attention_kl(causal_log_probs(tq, tk, self.ctx.teacher_attention_scaling), s_logp, batch.mask)
         heads = sq.shape[1] if sq.shape[1] == tq.shape[1] else min(sq.shape[1], tq.shape[1])
         vr = relation_kl(relation_logits(tv, heads, tq.shape[1]), relation_logits(sv, heads, sq.shape[1]), batch.mask)
         return {"at": self.params["alpha_at"] * at, "vr": self.params["alpha_vr"] * vr}
