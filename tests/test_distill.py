@@ -108,8 +108,10 @@ def test_missing_signals_name_the_extract_flags(sharp, corpus, tmp_path):
     for method, flag in cases:
         with pytest.raises(UserError, match=f"method {method.split(':')[0]} needs.*{flag}"):
             run(bare, tmp_path / method.replace(":", "_"), method, steps=1)
-    with pytest.raises(UserError, match="tmkd is planned"):
-        run(bare, tmp_path / "t", "tmkd", steps=1)
+    with pytest.raises(UserError, match="takd is not a loss but a recipe: examples/takd.toml"):
+        run(bare, tmp_path / "t", "takd", steps=1)
+    with pytest.raises(UserError, match="no method 'nope'"):
+        run(bare, tmp_path / "t", "nope", steps=1)
     with pytest.raises(UserError, match="method tinybert needs.*--hidden-layers 0,2,3 --attention-layers 2,3 "
                                         "--attention-form factors"):
         run(bare, tmp_path / "t3", "tinybert", steps=1)
@@ -211,7 +213,7 @@ def test_distill_cli_and_user_errors(sharp, tmp_path):
     assert {r["method"] for r in rows if r["status"].startswith("cache")} >= {"kd", "pd", "distilbert", "annealing_kd",
                                                                               "tinybert", "minilmv2"}
     assert next(r for r in rows if r["method"] == "pkd")["status"] == "cache (adapted)"
-    assert next(r for r in rows if r["method"] == "tmkd")["status"] == "planned"
+    assert next(r for r in rows if r["method"] == "takd")["status"] == "recipe"
 
 
 def test_zero_student_training_matches_plain_training(sharp, tmp_path):

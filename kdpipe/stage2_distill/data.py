@@ -51,9 +51,10 @@ def merge_needs(needs: list[Needs]) -> Needs:
 class UnitReader:
     """Reads the needed arrays of whole units and gathers batches from them."""
 
-    def __init__(self, cache: TeacherCache, needs: Needs):
+    def __init__(self, cache: TeacherCache, needs: Needs, per: int | None = None):
         self.cache, self.needs = cache, needs
-        self.per = cache.manifest.layout.sequences_per_unit
+        # another teacher's cache is read by the first cache's units, whatever its own layout
+        self.per = per or cache.manifest.layout.sequences_per_unit
 
     def read_units(self, units: list[int]) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {}
@@ -124,9 +125,11 @@ class TrainBatches(torch.utils.data.IterableDataset):
     IterableDataset that batches itself: use it directly, or in a DataLoader with batch_size=None)."""
 
     def __init__(self, cache: TeacherCache, needs: Needs, units: list[int], batch_size: int, seed: int,
-                 buffer_units: int = 4, skip: int = 0, prefetch: int = 4):
+                 buffer_units: int = 4, skip: int = 0, prefetch: int = 4,
+                 others: list[tuple[TeacherCache, Needs]] = ()):
         super().__init__()
         self.reader = UnitReader(cache, needs)
+        self.others = [UnitReader(c, n, self.reader.per) for c, n in others]
         self._plan = plan(units, self.reader.per, cache.num_sequences, batch_size, buffer_units, seed)
         for _ in range(skip):
             next(self._plan)
@@ -136,14 +139,17 @@ class TrainBatches(torch.utils.data.IterableDataset):
         self._thread.start()
 
     def _fill(self) -> None:
-        group, buffer = None, None
+        group, buffers = None, []
+        readers = [self.reader, *self.others]
         try:
             for units, rows in self._plan:
                 if self._stop.is_set():
                     return
                 if units != group:
-                    group, buffer = units, self.reader.read_units(list(units))
-                self._queue.put(self.reader.batch(buffer, rows))
+                    group, buffers = units, [r.read_units(list(units)) for r in readers]
+                batch = self.reader.batch(buffers[0], rows)
+                batch.others = [r.batch(b, rows) for r, b in zip(self.others, buffers[1:])]
+                self._queue.put(batch)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             self._queue.put(exc)
 

@@ -19,10 +19,11 @@ def teacher_logprobs(logprobs1: torch.Tensor, lse1: torch.Tensor, lse_t: torch.T
     return (logprobs1 + lse1.unsqueeze(-1)) / temperature - lse_t.unsqueeze(-1)
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if mask is None:
-        return x.mean()
-    mask = mask.to(x.dtype)
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None, per_sequence: bool = False) -> torch.Tensor:
+    """Mean over valid positions: one number, or one per sequence [B] (multi-teacher weighting)."""
+    mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)
+    if per_sequence:
+        return (x * mask).sum(-1) / mask.sum(-1).clamp_min(1)
     return (x * mask).sum() / mask.sum().clamp_min(1)
 
 
@@ -33,7 +34,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def bucket_kl(student_logits: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor, temperature: float = 1.0,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None = None, per_sequence: bool = False) -> torch.Tensor:
     """Exact (k+1)-bucket KL(p || q): the k stored tokens, plus one bucket for all the others.
 
     The teacher's probabilities of the stored tokens are exact (through the full-vocabulary logsumexp),
@@ -49,28 +50,30 @@ def bucket_kl(student_logits: torch.Tensor, ids: torch.Tensor, t_logp: torch.Ten
     s_tail = _log1mexp(torch.logsumexp(s_topk, -1).clamp(max=0))
     p_tail = t_tail.exp()
     kl_tail = torch.where(p_tail > 1e-6, p_tail * (t_tail - s_tail), torch.zeros_like(p_tail))
-    return _masked_mean(kl_topk + kl_tail, mask)
+    return _masked_mean(kl_topk + kl_tail, mask, per_sequence)
 
 
 def renormalized_topk_kl(student_logits: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor,
-                         temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+                         temperature: float = 1.0, mask: torch.Tensor | None = None,
+                         per_sequence: bool = False) -> torch.Tensor:
     """KL between teacher and student both renormalized over the teacher's top-k: what most tools do.
     It ignores the tail and is biased when the top-k holds little mass; kept for comparison."""
     s_topk = (student_logits.float() / temperature).gather(-1, ids)
     s_logq = F.log_softmax(s_topk, dim=-1)
     t_logp = F.log_softmax(t_logp.float(), dim=-1)
-    return _masked_mean((t_logp.exp() * (t_logp - s_logq)).sum(-1), mask)
+    return _masked_mean((t_logp.exp() * (t_logp - s_logq)).sum(-1), mask, per_sequence)
 
 
 def sampled_cross_entropy(student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
-                          temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+                          temperature: float = 1.0, mask: torch.Tensor | None = None,
+                          per_sequence: bool = False) -> torch.Tensor:
     """Sparse logit sampling (Anshumann et al. 2025): with m draws from the teacher distribution, the count
     frequencies c_i / m are an unbiased estimate of p_i, so -sum_i (c_i / m) log q_i is an unbiased
     estimate of the full cross-entropy H(p, q) (the KL up to the teacher's entropy, a constant)."""
     s_logq = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, ids)
     counts = counts.float()
     freq = counts / counts.sum(-1, keepdim=True).clamp_min(1)
-    return _masked_mean(-(freq * s_logq).sum(-1), mask)
+    return _masked_mean(-(freq * s_logq).sum(-1), mask, per_sequence)
 
 
 def topk_logit_mse(student_logits: torch.Tensor, ids: torch.Tensor, t_logits: torch.Tensor,
@@ -80,10 +83,23 @@ def topk_logit_mse(student_logits: torch.Tensor, ids: torch.Tensor, t_logits: to
     return _masked_mean(((s - t_logits.float()) ** 2).mean(-1), mask)
 
 
-def lm_loss(student_logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def lm_loss(student_logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None,
+            per_sequence: bool = False) -> torch.Tensor:
     """Next-token cross-entropy on the data itself (hard labels)."""
     logits = student_logits[:, :-1].float()
     target = input_ids[:, 1:]
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
     ce = ce.view(target.shape)
-    return _masked_mean(ce, None if mask is None else mask[:, 1:])
+    return _masked_mean(ce, None if mask is None else mask[:, 1:], per_sequence)
+
+
+def teacher_label_nll(ids: torch.Tensor, t_logp: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The teacher's next-token NLL on the data itself, per sequence [B], from its cached top-k at T=1:
+    exact where the true next token is among the stored k; elsewhere -log(tail mass), which only the
+    whole vocabulary could refine (a lower bound of the true NLL there)."""
+    target = input_ids[:, 1:, None]
+    logp = t_logp[:, :-1].float()
+    hit = ids[:, :-1] == target
+    tail = _log1mexp(torch.logsumexp(logp, -1).clamp(max=0))
+    found = logp.masked_fill(~hit, float("-inf")).logsumexp(-1)
+    return _masked_mean(-torch.where(hit.any(-1), found, tail), mask[:, 1:], per_sequence=True)

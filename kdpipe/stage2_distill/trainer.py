@@ -86,6 +86,34 @@ def _autocast(cfg: DistillConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def open_caches(paths: list[str], allow_partial: bool) -> list[TeacherCache]:
+    """The caches of one run: every teacher over the same token ids (one data fingerprint). Units come
+    from the first; the others must be complete."""
+    caches = [TeacherCache(p, allow_partial=allow_partial and i == 0) for i, p in enumerate(paths)]
+    first = caches[0]
+    for other in caches[1:]:
+        a, b = first.manifest.data.fingerprint, other.manifest.data.fingerprint
+        if a != b:
+            raise UserError(f"caches {first.path} (data fingerprint {a[:16]}) and {other.path} ({b[:16]}) hold "
+                            f"different token ids: extract every teacher over the same --data, --seq-len and "
+                            f"--packing with the same tokenizer")
+    return caches
+
+
+def check_teachers(caches: list[TeacherCache], methods) -> None:
+    """Every method's needs against every cache; logits across teachers need one vocabulary."""
+    if len(caches) > 1 and not any(mt.teacher_needs(i) != Needs() for mt in methods for i in range(1, len(caches))):
+        raise UserError(f"{len(caches)} caches given but no chosen method reads more than one teacher: add a "
+                        f"multi-teacher method (tmkd, mt_bert, rl_kd, uncertainty, dgkd) or pass one --cache")
+    first = caches[0].manifest
+    for i, cache in enumerate(caches):
+        check_needs(methods, cache.manifest, cache.path, i)
+        reads_logits = any(mt.teacher_needs(i).topk or mt.teacher_needs(i).sampled for mt in methods)
+        if i and reads_logits and cache.manifest.tokenizer.vocab_sha256 != first.tokenizer.vocab_sha256:
+            raise UserError(f"{cache.path} and {caches[0].path} come from teachers with different vocabularies: "
+                            f"logit methods across teachers need one tokenizer")
+
+
 def student_runner(model, padded: bool):
     """A forward of the student with some hidden states edited, keeping the graph (StudentOutput.run)."""
     def run(input_ids, mask, edits, hidden_layers=()):
@@ -96,14 +124,14 @@ def student_runner(model, padded: bool):
 
 
 def distill(cfg: DistillConfig) -> DistillResult:
-    if len(cfg.cache) != 1:
-        raise UserError("one --cache for now: several teachers come with the multi-teacher methods")
+    if not cfg.cache:
+        raise UserError("no --cache given: pass the teacher cache to learn from")
     if cfg.steps <= 0 or cfg.batch_size <= 0 or cfg.grad_accum <= 0:
         raise UserError("--steps, --batch-size and --grad-accum must be positive")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
-    cache = TeacherCache(cfg.cache[0], allow_partial=cfg.allow_partial)
-    m = cache.manifest
+    caches = open_caches(cfg.cache, cfg.allow_partial)
+    cache, m = caches[0], caches[0].manifest
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     if out.exists() and any(out.iterdir()) and not cfg.resume:
@@ -116,13 +144,17 @@ def distill(cfg: DistillConfig) -> DistillResult:
     scfg = text_config(model)
     ctx = Context(teacher=m.teacher, temperatures=m.signals.temperatures, student_layers=scfg.num_hidden_layers,
                   student_hidden=scfg.hidden_size, total_steps=cfg.steps, student_pretrained=student.pretrained,
-                  teacher_attention_scaling=m.signals.attention_scaling, cached_hidden=list(m.signals.hidden_layers))
+                  teacher_attention_scaling=m.signals.attention_scaling, cached_hidden=list(m.signals.hidden_layers),
+                  teachers=[c.manifest.teacher for c in caches],
+                  teacher_hidden=[list(c.manifest.signals.hidden_layers) for c in caches],
+                  teacher_temperatures=[list(c.manifest.signals.temperatures) for c in caches])
     methods = build_methods(cfg.method, ctx)
-    check_needs(methods, m, cache.path)
+    check_teachers(caches, methods)
     for method in methods:
         method.to(device)
     split = Split.choose(cache, cfg.eval_sequences, cfg.seed)
     needs = merge_needs([mt.needs() for mt in methods] + [Needs(topk=bool(split.eval_units))])  # eval reads top-k
+    other_needs = [(c, merge_needs([mt.teacher_needs(i) for mt in methods])) for i, c in enumerate(caches) if i]
     student_layers = sorted({layer for mt in methods for layer in mt.student_layers()})
     student_blocks = sorted({layer for mt in methods for layer in mt.student_attention_layers()})
     params = [p for p in model.parameters()] + [p for mt in methods for p in mt.parameters()]
@@ -152,7 +184,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
         raise UserError(f"{len(split.train_units)} training units cannot be split over {world} ranks: extract with "
                         f"a smaller --sequences-per-unit")
     batches = TrainBatches(cache, needs, split.train_units[rank::world], cfg.batch_size, cfg.seed, cfg.buffer_units,
-                           skip=start * cfg.grad_accum)  # each rank reads its own units
+                           skip=start * cfg.grad_accum, others=other_needs)  # each rank reads its own units
     bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=cfg.quiet, dynamic_ncols=True)
     tokens = 0
     t0 = time.perf_counter()

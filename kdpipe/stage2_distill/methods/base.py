@@ -34,14 +34,20 @@ class Batch:
     # DIITO's interventions (storage.reader.TeacherCache.interchange) plus source_ids / source_length
     interchange: dict[str, torch.Tensor] = field(default_factory=dict)
     sequence_ids: torch.Tensor | None = None
+    others: list["Batch"] = field(default_factory=list)  # the same rows from the 2nd, 3rd... --cache
+
+    def teacher(self, i: int) -> "Batch":
+        """Teacher i's signals for these rows (0: the first --cache)."""
+        return self if i == 0 else self.others[i - 1]
 
     def to(self, device) -> "Batch":
         moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()
-                 if k not in ("hidden", "factors", "attention", "interchange")}
+                 if k not in ("hidden", "factors", "attention", "interchange", "others")}
         return Batch(**moved, hidden={k: v.to(device) for k, v in self.hidden.items()},
                      factors={k: tuple(x.to(device) for x in v) for k, v in self.factors.items()},
                      attention={k: v.to(device) for k, v in self.attention.items()},
-                     interchange={k: v.to(device) for k, v in self.interchange.items()})
+                     interchange={k: v.to(device) for k, v in self.interchange.items()},
+                     others=[other.to(device) for other in self.others])
 
 
 @dataclass
@@ -66,6 +72,14 @@ class Context:
     student_pretrained: bool = False
     teacher_attention_scaling: float | None = None  # softmax scale of the teacher's Q K^T (from the manifest)
     cached_hidden: list[int] = field(default_factory=list)  # teacher hidden layers the cache holds
+    teachers: list[TeacherInfo] = field(default_factory=list)  # every --cache's teacher; [0] is `teacher`
+    teacher_hidden: list[list[int]] = field(default_factory=list)  # hidden layers each cache holds
+    teacher_temperatures: list[list[float]] = field(default_factory=list)  # temperatures each cache holds
+
+    def __post_init__(self) -> None:
+        self.teachers = self.teachers or [self.teacher]
+        self.teacher_hidden = self.teacher_hidden or [list(self.cached_hidden)]
+        self.teacher_temperatures = self.teacher_temperatures or [list(self.temperatures)]
 
 
 @dataclass
@@ -123,6 +137,10 @@ class Method(nn.Module):
 
     def needs(self) -> Needs:
         return Needs()
+
+    def teacher_needs(self, i: int) -> Needs:
+        """What this method reads from the i-th --cache; single-teacher methods read the first only."""
+        return self.needs() if i == 0 else Needs()
 
     def student_layers(self) -> list[int]:
         """Student hidden layers this method reads (same numbering as the cache's)."""
@@ -204,6 +222,8 @@ def build_methods(specs: list[str], ctx: Context) -> list[Method]:
     for spec in specs:
         name, params = parse_method(spec)
         if name not in METHODS:
+            if name in catalog.RECIPES:
+                raise UserError(f"{name} is not a loss but a recipe: {catalog.RECIPES[name]}")
             planned = catalog.status(name)
             hint = f"{name} is {planned}" if planned else f"no method {name!r}"
             raise UserError(f"{hint}: `kdpipe methods` lists the methods available")
@@ -213,10 +233,10 @@ def build_methods(specs: list[str], ctx: Context) -> list[Method]:
     return methods
 
 
-def check_needs(methods: list[Method], manifest: Manifest, cache_path: str) -> None:
+def check_needs(methods: list[Method], manifest: Manifest, cache_path: str, index: int = 0) -> None:
     """Before the first step: every method's teacher signals must be in the cache."""
     for method in methods:
-        missing = method.needs().missing(manifest)
+        missing = method.teacher_needs(index).missing(manifest)
         if missing:
             raise UserError(f"method {method.name} needs teacher signals that {cache_path} lacks: re-extract with "
                             f"`kdpipe extract {' '.join(missing)} ...` (same --teacher and --data)")

@@ -33,12 +33,19 @@ GKD_METHODS = [
 ]
 
 
+# methods that are a pipeline of extract and distill steps rather than one loss
+RECIPES = {"takd": "examples/takd.toml", "albert": "--student teacher:...,albert=1 (see README)"}
+
+
 def status(name: str) -> str | None:
-    """'cache' when it runs from the cache, 'planned' when GKD has it and kdpipe not yet, None if unknown."""
+    """'cache' when it runs from the cache (one loss), 'recipe' when it is a pipeline or a student
+    architecture, 'planned' when GKD has it and kdpipe not yet, None if unknown."""
     from kdpipe.stage2_distill.methods.base import METHODS
 
     if name in METHODS:
         return "cache (adapted)" if METHODS[name].adapted else "cache"
+    if name in RECIPES:
+        return "recipe"
     return "planned" if any(row[0] == name for row in GKD_METHODS) else None
 
 
@@ -46,7 +53,7 @@ def table() -> list[dict[str, str]]:
     from kdpipe.stage2_distill.methods.base import METHODS
 
     rows = [{"method": n, "paper": p, "needs": s, "group": g, "status": status(n),
-             "adaptation": METHODS[n].adapted if n in METHODS else ""} for n, p, s, g in GKD_METHODS]
+             "adaptation": METHODS[n].adapted if n in METHODS else RECIPES.get(n, "")} for n, p, s, g in GKD_METHODS]
     extra = [{"method": n, "paper": c.paper, "needs": "token ids only", "group": "labels", "status": "cache",
               "adaptation": ""}
              for n, c in METHODS.items() if not any(r["method"] == n for r in rows)]

@@ -18,21 +18,24 @@ from kdpipe.stage2_distill.methods.base import Batch, Context, Method, Needs, St
 ESTIMATORS = ("bucket", "renorm", "sampled")
 
 
-def temperature_index(ctx: Context, temperature: float) -> int:
-    for i, t in enumerate(ctx.temperatures):
+def temperature_index(ctx: Context, temperature: float, teacher: int = 0) -> int:
+    for i, t in enumerate(ctx.teacher_temperatures[teacher]):
         if abs(t - temperature) < 1e-9:
             return i
     return -1  # reported by Needs.missing before training starts
 
 
-def soft_loss(batch: Batch, out: StudentOutput, ctx: Context, temperature: float, estimator: str) -> torch.Tensor:
-    """KL(p_T || q_T) by the chosen estimator (without the T^2 factor)."""
+def soft_loss(batch: Batch, out: StudentOutput, ctx: Context, temperature: float, estimator: str, teacher: int = 0,
+              per_sequence: bool = False, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p_T || q_T) to teacher `teacher` (the i-th --cache) by the chosen estimator, without the T^2
+    factor; one number, or one per sequence. `logits` replaces the student's (another head)."""
+    b, logits = batch.teacher(teacher), out.logits if logits is None else logits
     if estimator == "sampled":
-        return sampled_cross_entropy(out.logits, batch.sampled_ids, batch.sampled_counts, temperature, batch.mask)
-    i = temperature_index(ctx, temperature)
-    t_logp = teacher_logprobs(batch.topk_logprobs, batch.logsumexp[..., 0], batch.logsumexp[..., i], temperature)
+        return sampled_cross_entropy(logits, b.sampled_ids, b.sampled_counts, temperature, b.mask, per_sequence)
+    i = temperature_index(ctx, temperature, teacher)
+    t_logp = teacher_logprobs(b.topk_logprobs, b.logsumexp[..., 0], b.logsumexp[..., i], temperature)
     loss = bucket_kl if estimator == "bucket" else renormalized_topk_kl
-    return loss(out.logits, batch.topk_ids, t_logp, temperature, batch.mask)
+    return loss(logits, b.topk_ids, t_logp, temperature, b.mask, per_sequence)
 
 
 def soft_needs(temperature: float, estimator: str) -> Needs:

@@ -1,0 +1,54 @@
+"""MT-BERT: Wu, Wu, Huang 2021, "One Teacher is Enough? Pre-trained Language Model Distillation from
+Multiple Teachers".
+
+Each teacher's soft loss is weighted per example by how well that teacher fits the labels,
+1 / (1 + CE_i), and each teacher's hidden states are fitted through its own linear map of the
+student's (widths may differ per teacher); the hard-label loss is added:
+    L = sum_i mean_b[ T^2 KL_i(b) / (1 + CE_i(b)) ] + alpha_hidden * sum_i MSE(W_i H_s, H_t_i) + alpha_hard * LM.
+From the cache, CE_i is the teacher's next-token NLL on the data: exact where the true token is in
+its stored top-k, -log(tail mass) elsewhere.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from kdpipe.stage2_distill.layermap import map_layers
+from kdpipe.stage2_distill.losses import lm_loss, teacher_label_nll
+from kdpipe.stage2_distill.methods.base import register
+from kdpipe.stage2_distill.methods.multi import MultiTeacherMethod
+
+
+@register
+class MTBERT(MultiTeacherMethod):
+    name = "mt_bert"
+    paper = "Wu et al. 2021"
+    adapted = "teacher CE from the cached top-k (the tail bucket bounds tokens outside it)"
+    defaults = {**MultiTeacherMethod.defaults, "alpha_hidden": 1.0, "alpha_hard": 1.0, "layer_map": "uniform"}
+
+    def __init__(self, params, ctx):
+        super().__init__(params, ctx)
+        self.pairs = [map_layers(self.params["layer_map"], ctx.student_layers, t.num_layers) if self.params["alpha_hidden"]
+                      else [] for t in ctx.teachers]
+        self.fit = nn.ModuleList(nn.Linear(ctx.student_hidden, t.hidden_size) for t in ctx.teachers)
+
+    def teacher_needs(self, i):
+        needs = super().teacher_needs(i)
+        needs.hidden = [t for _, t in self.pairs[i]]
+        return needs
+
+    def student_layers(self) -> list[int]:
+        return sorted({s for pairs in self.pairs for s, _ in pairs})
+
+    def loss(self, batch, out, step):
+        p, soft, hidden = self.params, 0.0, 0.0
+        valid = batch.mask.unsqueeze(-1).float()
+        for i in range(self.num_teachers):
+            b = batch.teacher(i)
+            weight = 1 / (1 + teacher_label_nll(b.topk_ids, b.topk_logprobs, b.input_ids, b.mask))
+            soft = soft + (weight * self.kd(batch, out, i)).mean()
+            for s, t in self.pairs[i]:
+                diff = (self.fit[i](out.hidden[s].float()) - b.hidden[t]) ** 2
+                hidden = hidden + (diff * valid).sum() / (valid.sum().clamp_min(1) * diff.shape[-1])
+        return {"soft": soft, "hidden": p["alpha_hidden"] * hidden,
+                "hard": p["alpha_hard"] * lm_loss(out.logits, batch.input_ids, batch.mask)}
