@@ -172,8 +172,10 @@ class Capture:
                 module = self_attention(blocks[layer - 1])
                 if module is None:
                     raise UserError(f"cannot find the self-attention of block {layer} in {type(self.model).__name__}")
-                module._kdpipe_tap = self._attention_tap(layer)
-                self._tapped.append(module)
+                # a block shared across positions (ALBERT) is tapped per position, through its wrapper
+                holder = blocks[layer - 1] if getattr(blocks[layer - 1], "kdpipe_shared", False) else module
+                holder._kdpipe_tap = self._attention_tap(layer)
+                self._tapped.append(holder)
             impl = text_config(self.model)._attn_implementation or "eager"
             self._saved_impl = impl
             if not impl.startswith(_PREFIX):

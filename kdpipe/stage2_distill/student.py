@@ -68,8 +68,10 @@ def build_student(spec: str, teacher: TeacherInfo, seed: int, init_from_teacher:
 
     torch.manual_seed(seed)
     pretrained = False
+    albert: dict[str, int] = {}
     if spec == "teacher" or spec.startswith("teacher:"):
         overrides = dict(item.split("=", 1) for item in spec.partition(":")[2].split(",") if "=" in item)
+        albert = _albert_options(overrides)
         config = _preset_config(teacher, overrides)
         model = transformers.AutoModelForCausalLM.from_config(config)
         what = f"teacher-shaped ({config.num_hidden_layers} layers, hidden {config.hidden_size})"
@@ -97,7 +99,28 @@ def build_student(spec: str, teacher: TeacherInfo, seed: int, init_from_teacher:
     if init_from_teacher:
         what += ", " + init_from_teacher_layers(model, init_from_teacher, layer_map)
         pretrained = True
+    if albert:
+        from kdpipe.stage2_distill.albert import albertize
+
+        size = albert["embedding"] if albert["embedding"] >= 0 else min(128, text_config(model).hidden_size // 2)
+        what += ", " + albertize(model, size, albert["share"])
     return Student(model=model, description=what, pretrained=pretrained)
+
+
+def _albert_options(overrides: dict[str, str]) -> dict[str, int]:
+    """`albert=1`: every layer runs one shared block and the embeddings are factorized at
+    min(128, H/2); `share=N` (N distinct blocks, cycled) and `embedding=E` set either part alone or
+    override it (share=0 / embedding=0: off). Removed from `overrides`; {} when not ALBERT."""
+    keys = {k: overrides.pop(k) for k in ("albert", "share", "embedding") if k in overrides}
+    try:
+        values = {k: int(v) for k, v in keys.items()}
+    except ValueError:
+        raise UserError(f"albert, share and embedding take integers: {keys}") from None
+    if any(v < 0 for v in values.values()):
+        raise UserError("albert, share and embedding must be 0 or more")
+    on = bool(values.pop("albert", 0))
+    options = {"share": values.get("share", 1 if on else 0), "embedding": values.get("embedding", -1 if on else 0)}
+    return options if any(options.values()) else {}
 
 
 def init_from_teacher_layers(student: nn.Module, teacher_path: str, layer_map: str) -> str:

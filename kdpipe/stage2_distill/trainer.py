@@ -284,5 +284,9 @@ def _save_student(model, engine, path: Path) -> None:
             if engine.global_rank == 0:
                 model.save_pretrained(path, state_dict={k: v.clone() for k, v in model.state_dict().items()})
         return
+    if getattr(model, "kdpipe_albert", False):  # shared/factorized: saved multiplied out, a plain model
+        from kdpipe.stage2_distill.albert import export
+
+        model = export(model)
     if engine is None or engine.global_rank == 0:
         model.save_pretrained(path)
