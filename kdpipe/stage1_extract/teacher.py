@@ -19,6 +19,8 @@ from kdpipe.storage.manifest import TeacherInfo, TokenizerInfo
 def load_tokenizer(path: str | None, source: TeacherSource, trust_remote_code: bool = False):
     import transformers
 
+    if path and (path == "smollm2" or path.endswith(".gguf")):  # a GGUF file carries its tokenizer
+        source, path = resolve_teacher(path), None
     where = Path(path) if path else source.directory
     kwargs = {} if path else source.load_kwargs()
     try:

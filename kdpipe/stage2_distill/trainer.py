@@ -238,6 +238,8 @@ def distill(cfg: DistillConfig) -> DistillResult:
         metrics.close()
     seconds = time.perf_counter() - t0
     _save_student(model, engine, out / "student")
+    if rank == 0:
+        _save_tokenizer(m.tokenizer.name, out / "student")
     (out / "final.json").write_text(json.dumps({"initial": initial, "final": final}, indent=2))
     return DistillResult(str(out), cfg.steps, final, initial, seconds, tokens / max(seconds, 1e-9))
 
@@ -273,6 +275,18 @@ def _restore(directory: Path, model, methods, optimizer, scheduler, engine, spli
         mt.load_state_dict(sd)
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"])
+
+
+def _save_tokenizer(name: str, directory: Path) -> None:
+    """The teacher's tokenizer beside the student, so the student can be a teacher in turn (TAKD); skipped
+    when the tokenizer the cache was made with is no longer where it was."""
+    from kdpipe.modelio import resolve_teacher
+    from kdpipe.stage1_extract.teacher import load_tokenizer
+
+    try:
+        load_tokenizer(None, resolve_teacher(name)).save_pretrained(directory)
+    except UserError:
+        pass
 
 
 def _save_student(model, engine, path: Path) -> None:

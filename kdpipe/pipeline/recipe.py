@@ -1,0 +1,284 @@
+"""`kdpipe run recipe.toml`: a pipeline of named extract / distill / eval steps.
+
+A step is a `[steps.NAME]` table with `kind` and the same settings as that command's flags. `${other}`
+in a value is the output directory of step `other` (and makes this step depend on it), `${vars.x}`
+a variable from `[vars]` or `--var x=...`. Each step's output directory is keyed by a hash of its
+kind, its settings (with references resolved, so a changed upstream step changes every step below
+it) and the size and modification time of the input files it names. A step whose directory holds a
+completion marker with that hash is skipped; a step that failed left no marker and runs again
+(resuming what it had written). `--only NAME` runs one step whose dependencies are done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kdpipe.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+KINDS = ("extract", "distill", "eval")
+MARKER = "kdpipe-step.json"
+REFERENCE = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
+
+
+@dataclass
+class Step:
+    name: str
+    kind: str
+    settings: dict[str, Any]
+    needs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepResult:
+    name: str
+    kind: str
+    status: str  # ran | skipped
+    out: Path
+    record: dict[str, Any]
+
+
+def _references(value: Any) -> set[str]:
+    if isinstance(value, str):
+        return {r for r in REFERENCE.findall(value) if not r.startswith("vars.")}
+    if isinstance(value, list):
+        return set().union(*(_references(v) for v in value)) if value else set()
+    return set()
+
+
+def load_recipe(path: str, overrides: dict[str, str], workdir: str | None = None) -> tuple[list[Step], dict[str, str], Path]:
+    """Steps in dependency order, the variables, and the work directory."""
+    file = Path(path)
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"recipe {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"recipe {path} is not valid TOML: {exc}") from None
+    variables = {k: str(v) for k, v in raw.get("vars", {}).items()} | overrides
+    base = file.parent.resolve()
+    chosen = Path(workdir) if workdir else Path(raw.get("run", {}).get("workdir", f"runs/{file.stem}"))
+    workdir = chosen.resolve() if workdir else (chosen if chosen.is_absolute() else base / chosen)
+    tables = raw.get("steps")
+    if not isinstance(tables, dict) or not tables:
+        raise UserError(f"recipe {path} has no [steps.NAME] tables")
+    steps = {}
+    for name, table in tables.items():
+        kind = table.get("kind") if isinstance(table, dict) else None
+        if kind not in KINDS:
+            raise UserError(f"recipe step {name!r} needs kind = one of {', '.join(KINDS)}")
+        settings = {k.replace("-", "_"): v for k, v in table.items() if k not in ("kind", "after")}
+        needs = sorted(_references(list(settings.values())) | set(table.get("after", [])))
+        unknown = [n for n in needs if n not in tables]
+        if unknown:
+            raise UserError(f"recipe step {name!r} refers to {unknown[0]!r}, which is not a step")
+        steps[name] = Step(name, kind, settings, needs)
+    return _ordered(steps), variables, workdir
+
+
+def _ordered(steps: dict[str, Step]) -> list[Step]:
+    order, state = [], {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            raise UserError(f"recipe steps depend on each other in a cycle: {' -> '.join(trail + [name])}")
+        state[name] = "visiting"
+        for dep in steps[name].needs:
+            visit(dep, trail + [name])
+        state[name] = "done"
+        order.append(steps[name])
+
+    for name in steps:
+        visit(name, [])
+    return order
+
+
+def _substitute(value: Any, outputs: dict[str, Path], variables: dict[str, str], base: Path) -> Any:
+    if isinstance(value, list):
+        return [_substitute(v, outputs, variables, base) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(match: re.Match) -> str:
+        key = match.group(1)
+        if key.startswith("vars."):
+            if key[5:] not in variables:
+                raise UserError(f"recipe variable {key[5:]!r} is not set: add it to [vars] or pass --var {key[5:]}=...")
+            return variables[key[5:]]
+        return str(outputs[key])
+
+    return REFERENCE.sub(one, value)
+
+
+def _stamp(value: Any, base: Path, workdir: Path) -> list:
+    """Size and mtime of the existing input files a value names (outputs of steps are keyed already)."""
+    stamps = []
+    for item in value if isinstance(value, list) else [value]:
+        if not isinstance(item, str) or not item:
+            continue
+        path = Path(item) if Path(item).is_absolute() else base / item
+        if not path.exists() or workdir in path.resolve().parents:
+            continue
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())[:10000]
+        stamps += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return stamps
+
+
+def _argv(command: click.Command, settings: dict[str, Any], step: str) -> list[str]:
+    params = {}  # by parameter name and by flag name (`run` for --run, whose parameter is run_dir)
+    for p in command.params:
+        params.update({name: p for name in [p.name, *(o.lstrip("-").replace("-", "_") for o in p.opts)]})
+    args: list[str] = []
+    for key, value in settings.items():
+        param = params.get(key)
+        if param is None or key == "config":
+            raise UserError(f"unknown setting {key!r} for `kdpipe {command.name}`")
+        if isinstance(param, click.Argument):
+            args.insert(0, str(value))
+            continue
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            args += [flag] if value else []
+        elif getattr(param, "multiple", False):
+            for v in value if isinstance(value, list) else [value]:
+                args += [flag, str(v)]
+        else:
+            args += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return args
+
+
+def _run_step(step: Step, settings: dict[str, Any], out: Path) -> dict[str, Any]:
+    from kdpipe import cli
+
+    command = {"extract": cli.extract, "distill": cli.distill, "eval": cli.evaluate_command}[step.kind]
+    settings = dict(settings)
+    if step.kind in ("extract", "distill"):
+        settings["out"] = str(out)
+        if out.exists() and any(out.iterdir()):  # what a failed attempt wrote is resumed, not redone
+            settings["resume"] = True
+    else:
+        settings["as_json"] = True
+    started = time.perf_counter()
+    try:
+        if step.kind == "eval":
+            with click.Context(command) as ctx:
+                params = command.make_context(command.name, _argv(command, settings, step.name), parent=ctx).params
+            from kdpipe.stage2_distill.evaluate import evaluate_model
+
+            record = evaluate_model(params["student"], params["cache"], params["run_dir"], params["max_sequences"],
+                                    params["batch_size"], params["device"])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval.json").write_text(json.dumps(record, indent=2))
+        else:
+            command.main(_argv(command, settings, step.name), prog_name=f"kdpipe {command.name}",
+                         standalone_mode=False)
+            record = {}
+    except click.ClickException as exc:
+        raise UserError(f"recipe step {step.name!r}: {exc.format_message()}") from None
+    except UserError as exc:
+        raise UserError(f"recipe step {step.name!r}: {exc}") from None
+    record["seconds"] = time.perf_counter() - started
+    return record | _summary(step.kind, out, record["seconds"])
+
+
+def _summary(kind: str, out: Path, seconds: float) -> dict[str, Any]:
+    if kind == "extract":
+        from kdpipe.storage.reader import TeacherCache
+
+        tokens = TeacherCache(out).manifest.data.num_tokens
+        return {"tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9)}
+    if kind == "distill":
+        final = json.loads((out / "final.json").read_text())["final"]
+        last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        return {**final, "tokens_per_s": last.get("tokens_per_s")}
+    return {}
+
+
+def run_recipe(path: str, overrides: dict[str, str], only: str | None = None, force: bool = False,
+               echo=print, workdir: str | None = None) -> list[StepResult]:
+    steps, variables, workdir = load_recipe(path, overrides, workdir)
+    base = Path(path).parent.resolve()
+    if only is not None and only not in {s.name for s in steps}:
+        raise UserError(f"recipe {path} has no step {only!r} (steps: {', '.join(s.name for s in steps)})")
+    outputs: dict[str, Path] = {}
+    hashes: dict[str, str] = {}
+    results = []
+    for step in steps:
+        settings = {k: _substitute(v, outputs, variables, base) for k, v in step.settings.items()}
+        key = json.dumps({"kind": step.kind, "settings": settings, "needs": {n: hashes[n] for n in step.needs},
+                          "inputs": [_stamp(v, base, workdir) for v in settings.values()]}, sort_keys=True, default=str)
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        out = workdir / f"{step.name}-{digest[:12]}"
+        outputs[step.name], hashes[step.name] = out, digest
+        marker = out / MARKER
+        done = marker.exists() and json.loads(marker.read_text()).get("hash") == digest
+        selected = only is None or step.name == only
+        if not selected:
+            if not done and only in _downstream(steps, step.name):
+                raise UserError(f"step {only!r} needs {step.name!r}, which is not done: run the recipe without --only")
+            continue
+        if done and not force:
+            results.append(StepResult(step.name, step.kind, "skipped", out, json.loads(marker.read_text())["record"]))
+            echo(f"[{step.name}] unchanged, skipped ({out.name})")
+            continue
+        echo(f"[{step.name}] {step.kind} -> {out}")
+        if force and done:
+            marker.unlink()
+        settings = {k: _resolve_path(v, base) for k, v in settings.items()}
+        record = _run_step(step, settings, out)
+        marker.write_text(json.dumps({"hash": digest, "kind": step.kind, "settings": settings, "record": record},
+                                     indent=2, default=str))
+        results.append(StepResult(step.name, step.kind, "ran", out, record))
+    return results
+
+
+def _downstream(steps: list[Step], name: str) -> set[str]:
+    below, changed = set(), True
+    while changed:
+        changed = False
+        for s in steps:
+            if s.name not in below and (name in s.needs or below & set(s.needs)):
+                below.add(s.name)
+                changed = True
+    return below
+
+
+def _resolve_path(value: Any, base: Path) -> Any:
+    """Relative paths in a recipe are relative to the recipe file."""
+    if isinstance(value, list):
+        return [_resolve_path(v, base) for v in value]
+    if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
+        return str(base / value)
+    return value
+
+
+def table(results: list[StepResult]) -> str:
+    """The results of the distill and eval steps, one row each."""
+    cols = ["step", "kind", "status", "seconds", "tokens/s", "held-out CE", "KL to teacher", "top-1 agree"]
+    rows = []
+    for r in results:
+        rec = r.record
+        rows.append([r.name, r.kind, r.status, f"{rec.get('seconds', 0):.1f}",
+                     f"{rec['tokens_per_s']:.0f}" if rec.get("tokens_per_s") else "",
+                     f"{rec['eval/ce']:.4f}" if "eval/ce" in rec else "",
+                     f"{rec['eval/kl_teacher']:.4f}" if "eval/kl_teacher" in rec else "",
+                     f"{rec['eval/top1_agreement']:.1%}" if "eval/top1_agreement" in rec else ""])
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
