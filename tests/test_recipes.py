@@ -4,6 +4,8 @@ changed setting reruns that step and those below it; one step can be rerun alone
 import json
 from pathlib import Path
 
+import pytest
+
 from test_cli import kdpipe
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -55,3 +57,17 @@ def test_recipe_mistakes_are_one_line(teachers, corpus, tmp_path):
     assert "needs kind = one of extract, distill, eval" in kdpipe("run", bad).stderr
     result = takd(teachers, corpus, tmp_path, "--only", "student")
     assert result.exit_code == 2 and "needs 'teacher_cache', which is not done" in result.stderr
+
+
+@pytest.mark.parametrize("recipe,teacher_var,extra", [("dgkd", "teacher", []), ("multi_teacher", "teacher_a", []),
+                                                      ("sweep", "teacher", ["--var", "hidden=0,1,2,3"])])
+def test_shipped_recipes_run_on_tiny_models(recipe, teacher_var, extra, teachers, corpus, tmp_path):
+    result = kdpipe("run", EXAMPLES / f"{recipe}.toml", "--workdir", tmp_path, "--var",
+                    f"{teacher_var}={teachers['llama']}", "--var", f"data={corpus}", "--var", "seq_len=32",
+                    "--var", "sequences=32", "--var", "steps=2", *extra)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    header = max(i for i, line in enumerate(lines) if line.startswith("step "))
+    table = [line.split() for line in lines[header + 1:]]
+    assert table and all(row[2] == "ran" for row in table)
+    assert all(len(row) >= 7 for row in table if row[1] == "distill")  # CE, KL and agreement for every student

@@ -6,7 +6,8 @@ Each teacher's soft loss is weighted per example by how well that teacher fits t
 student's (widths may differ per teacher); the hard-label loss is added:
     L = sum_i mean_b[ T^2 KL_i(b) / (1 + CE_i(b)) ] + alpha_hidden * sum_i MSE(W_i H_s, H_t_i) + alpha_hard * LM.
 From the cache, CE_i is the teacher's next-token NLL on the data: exact where the true token is in
-its stored top-k, -log(tail mass) elsewhere.
+its stored top-k, -log(tail mass) elsewhere. `layer_map` is shared by the teachers (uniform, skip,
+last, explicit) or `final`: the last states only, for teachers of different depths.
 """
 
 from __future__ import annotations
@@ -28,9 +29,14 @@ class MTBERT(MultiTeacherMethod):
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
-        self.pairs = [map_layers(self.params["layer_map"], ctx.student_layers, t.num_layers) if self.params["alpha_hidden"]
-                      else [] for t in ctx.teachers]
+        self.pairs = [self._pairs(t.num_layers) if self.params["alpha_hidden"] else [] for t in ctx.teachers]
         self.fit = nn.ModuleList(nn.Linear(ctx.student_hidden, t.hidden_size) for t in ctx.teachers)
+
+    def _pairs(self, teacher_layers: int) -> list[tuple[int, int]]:
+        """`final` fits only the last states (teachers of any depth); otherwise a shared layer map."""
+        if self.params["layer_map"] == "final":
+            return [(self.ctx.student_layers, teacher_layers)]
+        return map_layers(self.params["layer_map"], self.ctx.student_layers, teacher_layers)
 
     def teacher_needs(self, i):
         needs = super().teacher_needs(i)
