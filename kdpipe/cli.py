@@ -234,7 +234,7 @@ def methods(as_json: bool) -> None:
     click.echo(f"{'method':14} {'status':16} {'paper':22} needs from the teacher")
     for r in rows:
         click.echo(f"{r['method']:14} {r['status']:16} {r['paper']:22} {r['needs']}")
-    click.echo("\nadaptations (cache (adapted)):")
+    click.echo("\nadaptations (cache (adapted)) and how to run the recipes:")
     for r in rows:
         if r["adaptation"]:
             click.echo(f"  {r['method']}: {r['adaptation']}")

@@ -108,7 +108,7 @@ def test_missing_signals_name_the_extract_flags(sharp, corpus, tmp_path):
     for method, flag in cases:
         with pytest.raises(UserError, match=f"method {method.split(':')[0]} needs.*{flag}"):
             run(bare, tmp_path / method.replace(":", "_"), method, steps=1)
-    with pytest.raises(UserError, match="takd is not a loss but a recipe: examples/takd.toml"):
+    with pytest.raises(UserError, match="takd is not a loss but a recipe: kdpipe run examples/takd.toml"):
         run(bare, tmp_path / "t", "takd", steps=1)
     with pytest.raises(UserError, match="no method 'nope'"):
         run(bare, tmp_path / "t", "nope", steps=1)

@@ -34,7 +34,8 @@ GKD_METHODS = [
 
 
 # methods that are a pipeline of extract and distill steps rather than one loss
-RECIPES = {"takd": "examples/takd.toml", "albert": "--student teacher:...,albert=1 (see README)"}
+RECIPES = {"takd": "kdpipe run examples/takd.toml",
+           "albert": "a student option, with any method: --student teacher:layers=6,albert=1[,embedding=128]"}
 
 
 def status(name: str) -> str | None:
