@@ -84,3 +84,32 @@ def test_demo_runs_offline_and_reports_what_it_wrote(tmp_path):
     assert cache.num_sequences == 48 and cache.manifest.signals.sample_count == 32
     student = transformers.AutoModelForCausalLM.from_pretrained(report["student_dir"])
     assert student.config.vocab_size == 49152
+
+
+def test_smollm2_interchange_matches_a_direct_intervention(smollm2, tmp_path):
+    """DIITO on the real teacher: the cached counterfactual top-k equals a hand-made intervention."""
+    path, model, tokenizer = smollm2
+    extract(ExtractConfig(teacher=str(path), data=[str(DEMO_CORPUS)], out=str(tmp_path / "c"), seq_len=48,
+                          batch_size=2, top_k=16, interchange_layers="15", interchange_rate=0.25, max_sequences=4,
+                          sequences_per_unit=4, quiet=True), model, tokenizer)
+    cache = TeacherCache(tmp_path / "c")
+    ic, ids = cache.interchange(), torch.from_numpy(cache.input_ids()).long()
+    i = 1
+    src, (base_start, source_start, count) = int(ic["source"][i]), ic["span"][i]
+    with torch.no_grad():
+        states = model(input_ids=ids[src:src + 1], output_hidden_states=True).hidden_states[15]
+        swap = states[0, source_start:source_start + count]
+
+        def hook(module, args, output):
+            h = (output if torch.is_tensor(output) else output[0]).clone()
+            h[0, base_start:base_start + count] = swap
+            return h if torch.is_tensor(output) else (h, *output[1:])
+
+        handle = model.model.layers[14].register_forward_hook(hook)
+        try:
+            logits = model(input_ids=ids[i:i + 1]).logits[0].float()
+        finally:
+            handle.remove()
+    want = torch.log_softmax(logits.double(), -1).topk(16, -1)
+    assert (torch.from_numpy(ic["topk_ids"][i][:, 0]) == want.indices[:, 0]).float().mean() > 0.95
+    np.testing.assert_allclose(ic["topk_logprobs"][i], want.values.numpy(), atol=3e-2)
