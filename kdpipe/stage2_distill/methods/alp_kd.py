@@ -12,11 +12,10 @@ vector to the teacher's width. Combine with `kd` and `lm` for the paper's full o
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from kdpipe.errors import UserError
 from kdpipe.stage2_distill.features import pool
-from kdpipe.stage2_distill.methods.base import Method, Needs, register
+from kdpipe.stage2_distill.methods.base import Method, Needs, register, width_map
 
 
 @register
@@ -32,8 +31,7 @@ class ALPKD(Method):
         if not self.teacher_layers:
             raise UserError("method alp_kd needs intermediate teacher hidden states: re-extract with "
                             "`kdpipe extract --hidden-layers all ...`")
-        t_width, s_width = ctx.teacher.hidden_size, ctx.student_hidden
-        self.project = nn.Identity() if t_width == s_width else nn.Linear(s_width, t_width)
+        self.project = width_map(ctx.student_hidden, ctx.teacher.hidden_size)
 
     def needs(self) -> Needs:
         return Needs(hidden=self.teacher_layers)

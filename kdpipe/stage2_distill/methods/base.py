@@ -182,6 +182,11 @@ class BlockPairMethod(Method):
         return [self.block_pair()[1]]
 
 
+def width_map(from_width: int, to_width: int, bias: bool = True) -> nn.Module:
+    """A learned linear map between the student's and the teacher's widths; the identity when equal."""
+    return nn.Identity() if from_width == to_width else nn.Linear(from_width, to_width, bias=bias)
+
+
 METHODS: dict[str, type[Method]] = {}
 
 

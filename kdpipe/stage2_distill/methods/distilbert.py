@@ -11,10 +11,9 @@ teacher's width (the paper keeps the width, so needs none).
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import nn
 
 from kdpipe.stage2_distill.losses import lm_loss
-from kdpipe.stage2_distill.methods.base import Method, Needs, register
+from kdpipe.stage2_distill.methods.base import Method, Needs, register, width_map
 from kdpipe.stage2_distill.methods.kd import soft_loss, soft_needs
 
 
@@ -26,8 +25,7 @@ class DistilBERT(Method):
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
-        t_width, s_width = ctx.teacher.hidden_size, ctx.student_hidden
-        self.project = nn.Identity() if t_width == s_width else nn.Linear(s_width, t_width, bias=False)
+        self.project = width_map(ctx.student_hidden, ctx.teacher.hidden_size, bias=False)
 
     def needs(self) -> Needs:
         needs = soft_needs(self.params["temperature"], self.params["estimator"])

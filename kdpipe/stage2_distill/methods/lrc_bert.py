@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from kdpipe.errors import UserError
 from kdpipe.stage2_distill.layermap import map_layers
-from kdpipe.stage2_distill.methods.base import Method, Needs, register
+from kdpipe.stage2_distill.methods.base import Method, Needs, register, width_map
 
 
 def cos_distance_matrix(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -46,8 +45,7 @@ class LRCBERT(Method):
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
         self.pairs = map_layers(self.params["layer_map"], ctx.student_layers, ctx.teacher.num_layers)
-        t_width, s_width = ctx.teacher.hidden_size, ctx.student_hidden
-        self.project = nn.Identity() if t_width == s_width else nn.Linear(s_width, t_width, bias=False)
+        self.project = width_map(ctx.student_hidden, ctx.teacher.hidden_size, bias=False)
 
     def needs(self) -> Needs:
         return Needs(hidden=[t for _, t in self.pairs])

@@ -11,11 +11,10 @@ factors. When head counts differ, head-mean distributions are compared (an adapt
 
 from __future__ import annotations
 
-from torch import nn
 
 from kdpipe.stage2_distill.features import causal_log_probs
 from kdpipe.stage2_distill.layermap import map_layers
-from kdpipe.stage2_distill.methods.base import Method, Needs, register
+from kdpipe.stage2_distill.methods.base import Method, Needs, register, width_map
 from kdpipe.stage2_distill.methods.minilm import _attention_kl
 
 
@@ -29,8 +28,7 @@ class MobileBERT(Method):
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
         self.pairs = map_layers(self.params["layer_map"], ctx.student_layers, ctx.teacher.num_layers)
-        t_width, s_width = ctx.teacher.hidden_size, ctx.student_hidden
-        self.project = nn.Identity() if t_width == s_width else nn.Linear(s_width, t_width)
+        self.project = width_map(ctx.student_hidden, ctx.teacher.hidden_size)
 
     def needs(self) -> Needs:
         return Needs(hidden=[t for _, t in self.pairs], attention=[t for _, t in self.pairs])

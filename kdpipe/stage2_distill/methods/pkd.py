@@ -12,12 +12,11 @@ linear map takes the student's vector to the teacher's width (the paper's studen
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import nn
 
 from kdpipe.stage2_distill.features import pool
 from kdpipe.stage2_distill.layermap import map_layers
 from kdpipe.stage2_distill.losses import lm_loss
-from kdpipe.stage2_distill.methods.base import Method, Needs, register
+from kdpipe.stage2_distill.methods.base import Method, Needs, register, width_map
 from kdpipe.stage2_distill.methods.kd import soft_loss, soft_needs
 
 
@@ -33,8 +32,7 @@ class PKD(Method):
         super().__init__(params, ctx)
         pairs = map_layers(self.params["strategy"], ctx.student_layers, ctx.teacher.num_layers)
         self.pairs = [(s, t) for s, t in pairs if s < ctx.student_layers]  # the last layer is covered by KD
-        t_width, s_width = ctx.teacher.hidden_size, ctx.student_hidden
-        self.project = nn.Identity() if t_width == s_width else nn.Linear(s_width, t_width, bias=False)
+        self.project = width_map(ctx.student_hidden, ctx.teacher.hidden_size, bias=False)
 
     def needs(self) -> Needs:
         needs = soft_needs(self.params["temperature"], self.params["estimator"])

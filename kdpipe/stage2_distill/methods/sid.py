@@ -14,11 +14,10 @@ the head-mean distributions are compared.
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import nn
 
 from kdpipe.stage2_distill.features import causal_log_probs, pool
 from kdpipe.stage2_distill.layermap import map_layers
-from kdpipe.stage2_distill.methods.base import Method, Needs, register
+from kdpipe.stage2_distill.methods.base import Method, Needs, register, width_map
 from kdpipe.stage2_distill.methods.kd import soft_loss, soft_needs
 from kdpipe.stage2_distill.methods.minilm import _attention_kl
 
@@ -34,8 +33,7 @@ class SID(Method):
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
         self.pairs = map_layers(self.params["layer_map"], ctx.student_layers, ctx.teacher.num_layers)
-        t_width, s_width = ctx.teacher.hidden_size, ctx.student_hidden
-        self.project = nn.Identity() if t_width == s_width else nn.Linear(s_width, t_width, bias=False)
+        self.project = width_map(ctx.student_hidden, ctx.teacher.hidden_size, bias=False)
 
     def needs(self) -> Needs:
         needs = soft_needs(self.params["temperature"], self.params["estimator"])

@@ -19,12 +19,11 @@ task loss, here next-token prediction) or `kd` (soft targets from the cache).
 from __future__ import annotations
 
 import numpy as np
-from torch import nn
 
 from kdpipe.errors import UserError
 from kdpipe.stage2_distill.layermap import map_layers
 from kdpipe.stage2_distill.losses import lm_loss
-from kdpipe.stage2_distill.methods.base import Method, Needs, StudentOutput, register
+from kdpipe.stage2_distill.methods.base import Method, Needs, StudentOutput, register, width_map
 from kdpipe.stage2_distill.methods.kd import soft_loss, soft_needs
 
 
@@ -42,8 +41,7 @@ class Theseus(Method):
             raise UserError(f"theseus objective {self.params['objective']!r} is not one of lm, kd")
         self.boundaries = [(s, t) for s, t in map_layers("uniform", ctx.student_layers, ctx.teacher.num_layers)
                            if s < ctx.student_layers]
-        t_width, s_width = ctx.teacher.hidden_size, ctx.student_hidden
-        self.project = nn.Identity() if t_width == s_width else nn.Linear(t_width, s_width, bias=False)
+        self.project = width_map(ctx.teacher.hidden_size, ctx.student_hidden, bias=False)
 
     def needs(self) -> Needs:
         needs = soft_needs(self.params["temperature"], self.params["estimator"]) \

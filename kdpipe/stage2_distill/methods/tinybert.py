@@ -16,11 +16,10 @@ compared (an adaptation; the paper keeps the head count).
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import nn
 
 from kdpipe.stage2_distill.features import causal_scores
 from kdpipe.stage2_distill.layermap import map_layers
-from kdpipe.stage2_distill.methods.base import Method, Needs, register
+from kdpipe.stage2_distill.methods.base import Method, Needs, register, width_map
 from kdpipe.stage2_distill.methods.kd import soft_loss, soft_needs
 
 
@@ -35,9 +34,8 @@ class TinyBERT(Method):
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
         self.pairs = map_layers(self.params["layer_map"], ctx.student_layers, ctx.teacher.num_layers)
-        t_width, s_width = ctx.teacher.hidden_size, ctx.student_hidden
-        self.project = nn.Identity() if t_width == s_width else nn.Linear(s_width, t_width)
-        self.project_emb = nn.Identity() if t_width == s_width else nn.Linear(s_width, t_width)
+        self.project = width_map(ctx.student_hidden, ctx.teacher.hidden_size)
+        self.project_emb = width_map(ctx.student_hidden, ctx.teacher.hidden_size)
 
     def needs(self) -> Needs:
         p = self.params
