@@ -24,6 +24,12 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     raise UserError(f"pooling {how!r} is not one of first, last, mean")
 
 
+def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of [B, T, H] states over valid tokens and features (padding left out)."""
+    valid = mask.unsqueeze(-1).to(teacher.dtype)
+    return (((student.float() - teacher) ** 2) * valid).sum() / (valid.sum().clamp_min(1) * teacher.shape[-1])
+
+
 def relation_logits(x: torch.Tensor, heads: int, num_heads: int) -> torch.Tensor:
     """MiniLMv2 relations: the heads of x [B, h(_kv), T, d] are concatenated ([B, T, h*d]), re-split into
     `heads` relation heads of size d_r, and related token to token: X_r X_r^T / sqrt(d_r) -> [B, R, T, T].

@@ -12,7 +12,7 @@ factors. When head counts differ, head-mean distributions are compared (an adapt
 from __future__ import annotations
 
 
-from kdpipe.stage2_distill.features import causal_log_probs
+from kdpipe.stage2_distill.features import causal_log_probs, hidden_mse
 from kdpipe.stage2_distill.layermap import map_layers
 from kdpipe.stage2_distill.methods.base import Method, Needs, register, width_map
 from kdpipe.stage2_distill.methods.minilm import _attention_kl
@@ -46,11 +46,9 @@ class MobileBERT(Method):
         return [self.pairs[stage]]
 
     def loss(self, batch, out, step):
-        valid = batch.mask.unsqueeze(-1).float()
         fmt = at = 0.0
         for s, t in self.active_pairs(step):
-            diff = (self.project(out.hidden[s].float()) - batch.hidden[t]) ** 2
-            fmt = fmt + (diff * valid).sum() / (valid.sum().clamp_min(1) * diff.shape[-1])
+            fmt = fmt + hidden_mse(self.project(out.hidden[s].float()), batch.hidden[t], batch.mask)
             sq, sk, _ = out.factors[s]
             t_logp = batch.attention[t].log()  # log 0 = -inf at masked keys: they contribute 0
             at = at + _attention_kl(t_logp, causal_log_probs(sq, sk, out.scaling), batch.mask)

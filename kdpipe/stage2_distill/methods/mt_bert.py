@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from kdpipe.stage2_distill.features import hidden_mse
 from kdpipe.stage2_distill.layermap import map_layers
 from kdpipe.stage2_distill.losses import lm_loss, teacher_label_nll
 from kdpipe.stage2_distill.methods.base import register
@@ -48,13 +49,11 @@ class MTBERT(MultiTeacherMethod):
 
     def loss(self, batch, out, step):
         p, soft, hidden = self.params, 0.0, 0.0
-        valid = batch.mask.unsqueeze(-1).float()
         for i in range(self.num_teachers):
             b = batch.teacher(i)
             weight = 1 / (1 + teacher_label_nll(b.topk_ids, b.topk_logprobs, b.input_ids, b.mask))
             soft = soft + (weight * self.kd(batch, out, i)).mean()
             for s, t in self.pairs[i]:
-                diff = (self.fit[i](out.hidden[s].float()) - b.hidden[t]) ** 2
-                hidden = hidden + (diff * valid).sum() / (valid.sum().clamp_min(1) * diff.shape[-1])
+                hidden = hidden + hidden_mse(self.fit[i](out.hidden[s].float()), b.hidden[t], batch.mask)
         return {"soft": soft, "hidden": p["alpha_hidden"] * hidden,
                 "hard": p["alpha_hard"] * lm_loss(out.logits, batch.input_ids, batch.mask)}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from kdpipe.stage2_distill.features import causal_scores
+from kdpipe.stage2_distill.features import causal_scores, hidden_mse
 from kdpipe.stage2_distill.layermap import map_layers
 from kdpipe.stage2_distill.methods.base import Method, Needs, register, width_map
 from kdpipe.stage2_distill.methods.kd import soft_loss, soft_needs
@@ -52,17 +52,11 @@ class TinyBERT(Method):
         return [s for s, _ in self.pairs] if self.params["alpha_att"] else []
 
     def loss(self, batch, out, step):
-        p, terms = self.params, {}
-        valid = batch.mask.unsqueeze(-1).float()
-        n = valid.sum().clamp_min(1)
-
-        def hidden_mse(s_h, t_h, proj):
-            return (((proj(s_h.float()) - t_h) ** 2) * valid).sum() / (n * t_h.shape[-1])
-
+        p, terms, mask = self.params, {}, batch.mask
         if p["alpha_emb"]:
-            terms["emb"] = p["alpha_emb"] * hidden_mse(out.hidden[0], batch.hidden[0], self.project_emb)
+            terms["emb"] = p["alpha_emb"] * hidden_mse(self.project_emb(out.hidden[0].float()), batch.hidden[0], mask)
         if p["alpha_hid"]:
-            terms["hid"] = p["alpha_hid"] * sum(hidden_mse(out.hidden[s], batch.hidden[t], self.project)
+            terms["hid"] = p["alpha_hid"] * sum(hidden_mse(self.project(out.hidden[s].float()), batch.hidden[t], mask)
                                                 for s, t in self.pairs)
         if p["alpha_att"]:
             t_scale = self.ctx.teacher_attention_scaling
