@@ -19,7 +19,7 @@ def teacher_logprobs(logprobs1: torch.Tensor, lse1: torch.Tensor, lse_t: torch.T
     return (logprobs1 + lse1.unsqueeze(-1)) / temperature - lse_t.unsqueeze(-1)
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None, per_sequence: bool = False) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, per_sequence: bool = False) -> torch.Tensor:
     """Mean over valid positions: one number, or one per sequence [B] (multi-teacher weighting)."""
     mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)
     if per_sequence:
@@ -31,6 +31,11 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, accurate near both ends (Mächler 2012)."""
     x = x.clamp(max=-1e-7)
     return torch.where(x > -0.693, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def tail_logmass(logp: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum(exp(logp))) over the last axis: the log-probability left outside the given tokens."""
+    return _log1mexp(torch.logsumexp(logp, -1).clamp(max=0))
 
 
 def bucket_kl(student_logits: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor, temperature: float = 1.0,
@@ -46,11 +51,10 @@ def bucket_kl(student_logits: torch.Tensor, ids: torch.Tensor, t_logp: torch.Ten
     t_logp = t_logp.float()
     p = t_logp.exp()
     kl_topk = (p * (t_logp - s_topk)).sum(-1)
-    t_tail = _log1mexp(torch.logsumexp(t_logp, -1).clamp(max=0))
-    s_tail = _log1mexp(torch.logsumexp(s_topk, -1).clamp(max=0))
+    t_tail, s_tail = tail_logmass(t_logp), tail_logmass(s_topk)
     p_tail = t_tail.exp()
     kl_tail = torch.where(p_tail > 1e-6, p_tail * (t_tail - s_tail), torch.zeros_like(p_tail))
-    return _masked_mean(kl_topk + kl_tail, mask, per_sequence)
+    return masked_mean(kl_topk + kl_tail, mask, per_sequence)
 
 
 def renormalized_topk_kl(student_logits: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor,
@@ -61,7 +65,7 @@ def renormalized_topk_kl(student_logits: torch.Tensor, ids: torch.Tensor, t_logp
     s_topk = (student_logits.float() / temperature).gather(-1, ids)
     s_logq = F.log_softmax(s_topk, dim=-1)
     t_logp = F.log_softmax(t_logp.float(), dim=-1)
-    return _masked_mean((t_logp.exp() * (t_logp - s_logq)).sum(-1), mask, per_sequence)
+    return masked_mean((t_logp.exp() * (t_logp - s_logq)).sum(-1), mask, per_sequence)
 
 
 def sampled_cross_entropy(student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
@@ -73,14 +77,14 @@ def sampled_cross_entropy(student_logits: torch.Tensor, ids: torch.Tensor, count
     s_logq = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, ids)
     counts = counts.float()
     freq = counts / counts.sum(-1, keepdim=True).clamp_min(1)
-    return _masked_mean(-(freq * s_logq).sum(-1), mask, per_sequence)
+    return masked_mean(-(freq * s_logq).sum(-1), mask, per_sequence)
 
 
 def topk_logit_mse(student_logits: torch.Tensor, ids: torch.Tensor, t_logits: torch.Tensor,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error between the student's and the teacher's raw logits on the teacher's top-k."""
     s = student_logits.float().gather(-1, ids)
-    return _masked_mean(((s - t_logits.float()) ** 2).mean(-1), mask)
+    return masked_mean(((s - t_logits.float()) ** 2).mean(-1), mask)
 
 
 def lm_loss(student_logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None,
@@ -90,7 +94,7 @@ def lm_loss(student_logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.T
     target = input_ids[:, 1:]
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
     ce = ce.view(target.shape)
-    return _masked_mean(ce, None if mask is None else mask[:, 1:], per_sequence)
+    return masked_mean(ce, None if mask is None else mask[:, 1:], per_sequence)
 
 
 def teacher_label_nll(ids: torch.Tensor, t_logp: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -100,6 +104,6 @@ def teacher_label_nll(ids: torch.Tensor, t_logp: torch.Tensor, input_ids: torch.
     target = input_ids[:, 1:, None]
     logp = t_logp[:, :-1].float()
     hit = ids[:, :-1] == target
-    tail = _log1mexp(torch.logsumexp(logp, -1).clamp(max=0))
+    tail = tail_logmass(logp)
     found = logp.masked_fill(~hit, float("-inf")).logsumexp(-1)
-    return _masked_mean(-torch.where(hit.any(-1), found, tail), mask[:, 1:], per_sequence=True)
+    return masked_mean(-torch.where(hit.any(-1), found, tail), mask[:, 1:], per_sequence=True)

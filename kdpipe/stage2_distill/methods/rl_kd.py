@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kdpipe.stage2_distill.features import pool
-from kdpipe.stage2_distill.losses import _log1mexp, lm_loss, teacher_label_nll
+from kdpipe.stage2_distill.losses import lm_loss, masked_mean, tail_logmass, teacher_label_nll
 from kdpipe.stage2_distill.methods.base import register
 from kdpipe.stage2_distill.methods.multi import MultiTeacherMethod
 
@@ -50,10 +50,8 @@ class RLKD(MultiTeacherMethod):
         parts = []
         for i, layer in enumerate(self.state_layers):
             b = batch.teacher(i)
-            m = b.mask.float()
-            top1 = (b.topk_logprobs[..., 0].exp() * m).sum(-1) / m.sum(-1).clamp_min(1)
-            tail = _log1mexp(torch.logsumexp(b.topk_logprobs.float(), -1).clamp(max=0)).exp()
-            mass = ((1 - tail) * m).sum(-1) / m.sum(-1).clamp_min(1)
+            top1 = masked_mean(b.topk_logprobs[..., 0].exp(), b.mask, per_sequence=True)
+            mass = masked_mean(1 - tail_logmass(b.topk_logprobs.float()).exp(), b.mask, per_sequence=True)
             nll = teacher_label_nll(b.topk_ids, b.topk_logprobs, b.input_ids, b.mask)
             parts.append(torch.stack([nll, top1, mass], -1))
             if layer is not None:

@@ -17,6 +17,7 @@ import math
 import torch
 
 from kdpipe.errors import UserError
+from kdpipe.stage2_distill.losses import masked_mean
 from kdpipe.stage2_distill.methods.base import register
 from kdpipe.stage2_distill.methods.multi import MultiTeacherMethod
 
@@ -24,9 +25,7 @@ from kdpipe.stage2_distill.methods.multi import MultiTeacherMethod
 def normalized_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean entropy of softmax(logits) over valid positions, / log V, per sequence [B]."""
     logp = torch.log_softmax(logits.float(), -1)
-    h = -(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1])
-    m = mask.float()
-    return (h * m).sum(-1) / m.sum(-1).clamp_min(1)
+    return masked_mean(-(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1]), mask, per_sequence=True)
 
 
 @register
