@@ -30,6 +30,13 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor)
     return (((student.float() - teacher) ** 2) * valid).sum() / (valid.sum().clamp_min(1) * teacher.shape[-1])
 
 
+def attend_layers(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """ALP-KD's layer attention: each example's student vector [B, H] attends over its teacher layer
+    vectors [B, L, H] by dot product; returns the attention-weighted teacher vector [B, H]."""
+    alpha = torch.softmax((teacher @ student.unsqueeze(-1)).squeeze(-1), -1)  # [B, L]
+    return (alpha.unsqueeze(-1) * teacher).sum(1)
+
+
 def relation_logits(x: torch.Tensor, heads: int, num_heads: int) -> torch.Tensor:
     """MiniLMv2 relations: the heads of x [B, h(_kv), T, d] are concatenated ([B, T, h*d]), re-split into
     `heads` relation heads of size d_r, and related token to token: X_r X_r^T / sqrt(d_r) -> [B, R, T, T].

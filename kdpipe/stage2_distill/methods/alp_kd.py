@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from kdpipe.errors import UserError
-from kdpipe.stage2_distill.features import pool
+from kdpipe.stage2_distill.features import attend_layers, pool
 from kdpipe.stage2_distill.methods.base import Method, Needs, register, width_map
 
 
@@ -27,7 +27,7 @@ class ALPKD(Method):
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
-        self.teacher_layers = [x for x in ctx.cached_hidden if 0 < x < ctx.teacher.num_layers]
+        self.teacher_layers = ctx.intermediate_hidden()
         if not self.teacher_layers:
             raise UserError("method alp_kd needs intermediate teacher hidden states: re-extract with "
                             "`kdpipe extract --hidden-layers all ...`")
@@ -45,7 +45,5 @@ class ALPKD(Method):
         total = 0.0
         for j in self.student_layers():
             s = self.project(pool(out.hidden[j].float(), batch.mask, how))  # [B, H]
-            alpha = torch.softmax((t @ s.unsqueeze(-1)).squeeze(-1), -1)  # [B, L']
-            target = (alpha.unsqueeze(-1) * t).sum(1)
-            total = total + ((s - target) ** 2).mean()
+            total = total + ((s - attend_layers(t, s)) ** 2).mean()
         return {"alp": total}

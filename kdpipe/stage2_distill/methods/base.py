@@ -76,6 +76,10 @@ class Context:
     teacher_hidden: list[list[int]] = field(default_factory=list)  # hidden layers each cache holds
     teacher_temperatures: list[list[float]] = field(default_factory=list)  # temperatures each cache holds
 
+    def intermediate_hidden(self) -> list[int]:
+        """The teacher's intermediate layers (1..L-1) the cache holds: what "all layers" methods use."""
+        return [x for x in self.cached_hidden if 0 < x < self.teacher.num_layers]
+
     def __post_init__(self) -> None:
         self.teachers = self.teachers or [self.teacher]
         self.teacher_hidden = self.teacher_hidden or [list(self.cached_hidden)]

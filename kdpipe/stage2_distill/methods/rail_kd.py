@@ -28,7 +28,7 @@ class RAILKD(Method):
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
-        self.pool_layers = [x for x in ctx.cached_hidden if 0 < x < ctx.teacher.num_layers]
+        self.pool_layers = ctx.intermediate_hidden()
         self.count = ctx.student_layers - 1
         if self.count < 1 or len(self.pool_layers) < self.count:
             raise UserError(f"method rail_kd draws {max(self.count, 1)} teacher intermediate layers but the cache "

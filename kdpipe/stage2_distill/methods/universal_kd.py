@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdpipe.errors import UserError
-from kdpipe.stage2_distill.features import pool
+from kdpipe.stage2_distill.features import attend_layers, pool
 from kdpipe.stage2_distill.methods.base import Method, Needs, register
 
 
@@ -30,7 +30,7 @@ class UniversalKD(Method):
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
-        self.teacher_layers = [x for x in ctx.cached_hidden if 0 < x < ctx.teacher.num_layers]
+        self.teacher_layers = ctx.intermediate_hidden()
         if not self.teacher_layers or ctx.student_layers < 2:
             raise UserError("method universal_kd needs intermediate teacher hidden states and a student of 2 or more "
                             "layers: re-extract with `kdpipe extract --hidden-layers all ...`")
@@ -53,8 +53,6 @@ class UniversalKD(Method):
         total = 0.0
         for g, j in zip(self.ground_student, self.student_layers()):
             s = g(pool(out.hidden[j].float(), batch.mask, how))  # [B, u]
-            alpha = torch.softmax((t @ s.unsqueeze(-1)).squeeze(-1), -1)  # [B, L']
-            target = (alpha.unsqueeze(-1) * t).sum(1)
-            t_logp, s_logp = F.log_softmax(target, -1), F.log_softmax(s, -1)
+            t_logp, s_logp = F.log_softmax(attend_layers(t, s), -1), F.log_softmax(s, -1)
             total = total + (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
         return {"universal": total}
