@@ -108,9 +108,9 @@ def _ordered(steps: dict[str, Step]) -> list[Step]:
     return order
 
 
-def _substitute(value: Any, outputs: dict[str, Path], variables: dict[str, str], base: Path) -> Any:
+def _substitute(value: Any, outputs: dict[str, Path], variables: dict[str, str]) -> Any:
     if isinstance(value, list):
-        return [_substitute(v, outputs, variables, base) for v in value]
+        return [_substitute(v, outputs, variables) for v in value]
     if not isinstance(value, str):
         return value
 
@@ -125,13 +125,13 @@ def _substitute(value: Any, outputs: dict[str, Path], variables: dict[str, str],
     return REFERENCE.sub(one, value)
 
 
-def _stamp(value: Any, base: Path, workdir: Path) -> list:
+def _stamp(value: Any, workdir: Path) -> list:
     """Size and mtime of the existing input files a value names (outputs of steps are keyed already)."""
     stamps = []
     for item in value if isinstance(value, list) else [value]:
         if not isinstance(item, str) or not item:
             continue
-        path = Path(item) if Path(item).is_absolute() else base / item
+        path = Path(item)
         if not path.exists() or workdir in path.resolve().parents:
             continue
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())[:10000]
@@ -215,31 +215,31 @@ def run_recipe(path: str, overrides: dict[str, str], only: str | None = None, fo
     base = Path(path).parent.resolve()
     if only is not None and only not in {s.name for s in steps}:
         raise UserError(f"recipe {path} has no step {only!r} (steps: {', '.join(s.name for s in steps)})")
+    needed = _dependencies(steps, only) if only is not None else set()
     outputs: dict[str, Path] = {}
     hashes: dict[str, str] = {}
     results = []
     for step in steps:
-        settings = {k: _substitute(v, outputs, variables, base) for k, v in step.settings.items()}
+        settings = {k: _resolve_path(_substitute(v, outputs, variables), base) for k, v in step.settings.items()}
         key = json.dumps({"kind": step.kind, "settings": settings, "needs": {n: hashes[n] for n in step.needs},
-                          "inputs": [_stamp(v, base, workdir) for v in settings.values()]}, sort_keys=True, default=str)
+                          "inputs": [_stamp(v, workdir) for v in settings.values()]}, sort_keys=True, default=str)
         digest = hashlib.sha256(key.encode()).hexdigest()
         out = workdir / f"{step.name}-{digest[:12]}"
         outputs[step.name], hashes[step.name] = out, digest
         marker = out / MARKER
-        done = marker.exists() and json.loads(marker.read_text()).get("hash") == digest
-        selected = only is None or step.name == only
-        if not selected:
-            if not done and only in _downstream(steps, step.name):
+        previous = json.loads(marker.read_text()) if marker.exists() else {}
+        done = previous.get("hash") == digest
+        if only is not None and step.name != only:
+            if not done and step.name in needed:
                 raise UserError(f"step {only!r} needs {step.name!r}, which is not done: run the recipe without --only")
             continue
         if done and not force:
-            results.append(StepResult(step.name, step.kind, "skipped", out, json.loads(marker.read_text())["record"]))
+            results.append(StepResult(step.name, step.kind, "skipped", out, previous["record"]))
             echo(f"[{step.name}] unchanged, skipped ({out.name})")
             continue
         echo(f"[{step.name}] {step.kind} -> {out}")
-        if force and done:
+        if done:
             marker.unlink()
-        settings = {k: _resolve_path(v, base) for k, v in settings.items()}
         record = _run_step(step, settings, out)
         marker.write_text(json.dumps({"hash": digest, "kind": step.kind, "settings": settings, "record": record},
                                      indent=2, default=str))
@@ -247,15 +247,16 @@ def run_recipe(path: str, overrides: dict[str, str], only: str | None = None, fo
     return results
 
 
-def _downstream(steps: list[Step], name: str) -> set[str]:
-    below, changed = set(), True
-    while changed:
-        changed = False
-        for s in steps:
-            if s.name not in below and (name in s.needs or below & set(s.needs)):
-                below.add(s.name)
-                changed = True
-    return below
+def _dependencies(steps: list[Step], name: str) -> set[str]:
+    """Every step that `name` needs, directly or through others."""
+    by_name = {s.name: s for s in steps}
+    found, todo = set(), list(by_name[name].needs)
+    while todo:
+        dep = todo.pop()
+        if dep not in found:
+            found.add(dep)
+            todo += by_name[dep].needs
+    return found
 
 
 def _resolve_path(value: Any, base: Path) -> Any:
