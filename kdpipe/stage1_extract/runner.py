@@ -48,22 +48,21 @@ class UnitRunner:
             unit = sequence_ids.start // self.m.layout.sequences_per_unit
             plan = plan_unit(s.seed, unit, lengths, s.interchange_layers, s.interchange_rate)
         states: dict[int, torch.Tensor] = {}
-        with self.capture, self.head:
-            for rows in batches:
-                self._forward(tokens, lengths, sequence_ids, rows)
-                for name, arr in self._batch_arrays().items():
-                    parts.setdefault(name, []).append(arr)
-                if plan is not None:
-                    states.update(source_states(plan, rows, self.capture.hidden))
-                bar.update(int(lengths[rows.start:rows.stop].sum()))
-            if plan is not None:  # the counterfactual runs, once every source state is known
+        with self.head:
+            with self.capture:
+                for rows in batches:
+                    self._forward(tokens, lengths, sequence_ids, rows)
+                    for name, arr in self._batch_arrays().items():
+                        parts.setdefault(name, []).append(arr)
+                    if plan is not None:
+                        states.update(source_states(plan, rows, self.capture.hidden))
+                    bar.update(int(lengths[rows.start:rows.stop].sum()))
+            if plan is not None:  # the counterfactual runs, once every source state is known; nothing else captured
                 for rows in batches:
                     with Capture(self.model, edits=interchange_edits(plan, rows, states)):
                         self._forward(tokens, lengths, sequence_ids, rows)
-                    parts.setdefault("interchange/topk_ids", []).append(
-                        self.signals.topk_ids.cpu().numpy().astype(self.ids_dtype))
-                    parts.setdefault("interchange/topk_values", []).append(
-                        self.signals.topk_values.to(torch.float16).cpu().numpy())
+                    for name, arr in zip(("interchange/topk_ids", "interchange/topk_values"), self._topk_arrays()):
+                        parts.setdefault(name, []).append(arr)
         out = {name: np.concatenate(chunks) for name, chunks in parts.items()}
         if plan is not None:
             out |= {"interchange/source": plan["source"] + sequence_ids.start, "interchange/layer": plan["layer"],
@@ -72,11 +71,8 @@ class UnitRunner:
 
     def _batch_arrays(self) -> dict[str, np.ndarray]:
         s, sig = self.m.signals, self.signals
-        out = {
-            "logits/topk_ids": sig.topk_ids.cpu().numpy().astype(self.ids_dtype),
-            "logits/topk_values": sig.topk_values.to(torch.float16).cpu().numpy(),
-            "logits/logsumexp": sig.logsumexp.cpu().numpy(),
-        }
+        ids, values = self._topk_arrays()
+        out = {"logits/topk_ids": ids, "logits/topk_values": values, "logits/logsumexp": sig.logsumexp.cpu().numpy()}
         if s.sample_count:
             out["sampled/ids"] = sig.sampled_ids.cpu().numpy().astype(self.ids_dtype)
             out["sampled/counts"] = sig.sampled_counts.cpu().numpy().astype(np.uint16)
@@ -92,6 +88,11 @@ class UnitRunner:
             else:
                 out[attention_name(layer)] = captured.to(torch.float16).cpu().numpy()
         return out
+
+    def _topk_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The last forward's top-k ids and float16 log-probabilities (T=1), as stored."""
+        sig = self.signals
+        return sig.topk_ids.cpu().numpy().astype(self.ids_dtype), sig.topk_values.to(torch.float16).cpu().numpy()
 
     def _hidden(self, layer: int, x: torch.Tensor) -> np.ndarray:
         s = self.m.signals
