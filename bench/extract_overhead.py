@@ -97,6 +97,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument("--temperatures", default="1,2", help="stored temperatures (kdpipe extract's default: 1,2)")
+    ap.add_argument("--interchange", default=None,
+                    help="also time top-k plus DIITO's interventions at these teacher layers (e.g. 15)")
     ap.add_argument("--logit-rows", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--engines", default="hf,deepspeed-cpu,deepspeed-nvme",
@@ -114,11 +117,12 @@ def main() -> None:
         source = resolve_teacher(str(export_gguf(source, work / "teacher")))
     tokenizer = load_tokenizer(None, source)
     common = dict(teacher=source.name, data=[args.data], seq_len=args.seq_len, batch_size=args.batch_size,
-                  top_k=args.top_k, max_sequences=args.sequences, logit_rows=args.logit_rows, quiet=True,
+                  top_k=args.top_k, temperatures=[float(t) for t in args.temperatures.split(",")],
+                  max_sequences=args.sequences, logit_rows=args.logit_rows, quiet=True,
                   overwrite=True, sequences_per_unit=args.batch_size * 2)
     print(f"teacher {teacher}\n{args.sequences} sequences x {args.seq_len} tokens, batch {args.batch_size}, "
-          f"top-k {args.top_k}, {torch.get_num_threads()} torch threads, best of {args.repeats}")
-    print(f"{'engine':16} {'run':12} {'seconds':>8} {'tokens/s':>9} {'ratio':>6}")
+          f"top-k {args.top_k}, temperatures {args.temperatures}, {torch.get_num_threads()} torch threads, best of {args.repeats}")
+    print(f"{'engine':16} {'run':16} {'seconds':>8} {'tokens/s':>9} {'ratio':>6}")
     summary = None
     for engine in args.engines.split(","):
         model = load_engine(engine, source, work)
@@ -129,6 +133,8 @@ def main() -> None:
             "hidden+attn": dict(hidden_layers=f"0,{','.join(str(round(n_layers * j / 6)) for j in range(1, 7))}",
                                 attention_layers="uniform:6", attention_form="factors"),
         }
+        if args.interchange:
+            variants["topk+interchange"] = dict(interchange_layers=args.interchange)
         # the token blocks every run sees: packed once by a top-k extraction
         extract(ExtractConfig(out=str(work / "tokens"), **common, **engine_opts), model, tokenizer)
         blocks = torch.from_numpy(TeacherCache(work / "tokens").input_ids()).long()
@@ -151,7 +157,7 @@ def main() -> None:
                 times[name].append(result.seconds)
         best = {name: min(ts) for name, ts in times.items()}
         for name, t in best.items():
-            print(f"{engine:16} {name:12} {t:8.2f} {tokens / t:9.0f} {t / best['bare']:6.3f}", flush=True)
+            print(f"{engine:16} {name:16} {t:8.2f} {tokens / t:9.0f} {t / best['bare']:6.3f}", flush=True)
         print(f"{engine:16} goals: topk/bare <= 1.10 -> {best['topk'] / best['bare']:.3f}; "
               f"hidden+attn/bare <= 1.25 -> {best['hidden+attn'] / best['bare']:.3f}", flush=True)
         summary = summary or cache_summary(str(work / "hidden+attn"))
