@@ -59,7 +59,8 @@ def _references(value: Any) -> set[str]:
     return set()
 
 
-def load_recipe(path: str, overrides: dict[str, str], workdir: str | None = None) -> tuple[list[Step], dict[str, str], Path]:
+def load_recipe(path: str, overrides: dict[str, str],
+                workdir: str | None = None) -> tuple[list[Step], dict[str, str], Path]:
     """Steps in dependency order, the variables, and the work directory."""
     file = Path(path)
     try:
