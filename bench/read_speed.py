@@ -1,11 +1,13 @@
 """How fast a student run can read the teacher cache: unsharded (one chunk per work unit, the default)
-against sharded (small chunks inside one shard per unit), same data, side by side.
+against sharded (small chunks inside one shard per unit), same data, side by side; and what the reader's
+integrity checks cost (every chunk a read covers must exist: zarr would read a missing one as zeros)
+against bare zarr reads of the same arrays.
 
     python bench/read_speed.py [--sequences 64] [--seq-len 256] [--batch-size 8] [--repeats 3]
 
 Extracts the same SmolLM2 cache twice (top-64 logits, 3 hidden layers), then reads every sequence in
 batches, units in shuffled order, as a training loop would; prints seconds, tokens/s, MB/s decoded,
-and the sharded/unsharded ratio.
+the sharded/unsharded ratio and the checked/bare ratio.
 """
 
 from __future__ import annotations
@@ -17,23 +19,31 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from kdpipe.pipeline.demo import DEMO_CORPUS, smollm2_gguf
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
 from kdpipe.stage1_extract.teacher import load_teacher, load_tokenizer, resolve_teacher
 from kdpipe.storage.reader import TeacherCache
+from kdpipe.storage.schema import hidden_name
 
 
-def read_all(cache: TeacherCache, batch: int, seed: int) -> tuple[float, int]:
+def read_all(cache: TeacherCache, batch: int, seed: int, checked: bool = True) -> tuple[float, int]:
     per = cache.manifest.layout.sequences_per_unit
     units = list(range(cache.manifest.layout.num_units))
     random.Random(seed).shuffle(units)
-    layers = cache.manifest.signals.hidden_layers
+    names = ["logits/topk_ids", "logits/topk_values", "logits/logsumexp"] + \
+        [hidden_name(layer) for layer in cache.manifest.signals.hidden_layers]
     nbytes = 0
     start = time.perf_counter()
     for unit in units:
         for b0 in range(unit * per, min((unit + 1) * per, cache.num_sequences), batch):
             index = slice(b0, min(b0 + batch, (unit + 1) * per, cache.num_sequences))
-            arrays = list(cache.topk_logprobs(index)) + [cache.hidden(layer, index) for layer in layers]
+            if checked:  # the product's reader: chunk presence checked, damage named
+                arrays = list(cache.topk_logprobs(index)) + [cache.hidden(layer, index)
+                                                             for layer in cache.manifest.signals.hidden_layers]
+            else:  # bare zarr, what the reader did before it checked
+                arrays = [np.asarray(cache.array(name)[index]) for name in names]
             nbytes += sum(a.nbytes for a in arrays)
     return time.perf_counter() - start, nbytes
 
@@ -60,15 +70,19 @@ def main() -> None:
     best = {}
     for name in layouts:
         cache = TeacherCache(work / name)
-        runs = [read_all(cache, args.batch_size, seed) for seed in range(args.repeats)]
-        best[name] = min(runs)
+        for checked in (False, True):  # interleaved, so both see the same page cache
+            label = name + ("" if checked else " bare")
+            runs = [read_all(cache, args.batch_size, seed, checked) for seed in range(args.repeats)]
+            best[label] = min(runs)
     tokens = args.sequences * args.seq_len
     print(f"{args.sequences} sequences x {args.seq_len}, top-64 + 3 hidden layers (SmolLM2), batch {args.batch_size}, "
           f"units in shuffled order, best of {args.repeats}")
-    print(f"{'layout':10} {'seconds':>8} {'tokens/s':>10} {'MB/s':>8}")
+    print(f"{'layout':15} {'seconds':>8} {'tokens/s':>10} {'MB/s':>8}")
     for name, (seconds, nbytes) in best.items():
-        print(f"{name:10} {seconds:8.3f} {tokens / seconds:10.0f} {nbytes / seconds / 1e6:8.1f}")
+        print(f"{name:15} {seconds:8.3f} {tokens / seconds:10.0f} {nbytes / seconds / 1e6:8.1f}")
     print(f"sharded / unsharded time: {best['sharded'][0] / best['unsharded'][0]:.2f}")
+    for name in layouts:
+        print(f"{name}: checked reader / bare zarr time: {best[name][0] / best[name + ' bare'][0]:.2f}")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -19,6 +19,16 @@ def _floats(text: str) -> list[float]:
         raise UserError(f"bad number list {text!r}: use e.g. 1,2") from None
 
 
+def _fail(ctx: click.Context, message: str) -> None:
+    """One line, exit code 2. zarr's I/O tasks that were cut short by the same failure would otherwise
+    report their own copies of it through asyncio's logger as the process exits."""
+    import logging
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    click.echo(f"kdpipe: error: {message}", err=True)
+    ctx.exit(2)
+
+
 class _Group(click.Group):
     """Turns the mistakes a user can fix into one line on stderr and exit code 2, never a traceback."""
 
@@ -31,14 +41,12 @@ class _Group(click.Group):
             leave_process_group()
             return result
         except UserError as exc:
-            click.echo(f"kdpipe: error: {exc}", err=True)
-            ctx.exit(2)
+            _fail(ctx, str(exc))
         except OSError as exc:
             err = disk_error(exc, exc.filename or "the output")
             if err is None:
                 raise
-            click.echo(f"kdpipe: error: {err}", err=True)
-            ctx.exit(2)
+            _fail(ctx, str(err))
         except KeyboardInterrupt:
             click.echo("kdpipe: interrupted; completed work units are kept: rerun with --resume", err=True)
             ctx.exit(130)
@@ -156,9 +164,11 @@ def extract(**opts) -> None:
 @click.option("--clip", type=float, default=1.0, help="Gradient norm clipping.")
 @click.option("--seed", type=int, default=0)
 @click.option("--eval-every", type=int, default=0, help="Evaluate every N steps (0: at the end only).")
-@click.option("--eval-sequences", type=int, default=64, help="Sequences held out for evaluation (whole units).")
+@click.option("--eval-sequences", type=int, default=None,
+              help="Sequences held out for evaluation (whole units); default: 10% of the units, at most 64 sequences.")
 @click.option("--save-every", type=int, default=0, help="Checkpoint every N steps (0: at the end only).")
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out (a finished run: nothing to do).")
+@click.option("--overwrite", is_flag=True, help="Replace the run in --out.")
 @click.option("--deepspeed", default=None, type=click.Path(dir_okay=False), help="DeepSpeed JSON for ZeRO student training.")
 @click.option("--device", default="cpu")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
@@ -173,9 +183,15 @@ def distill(**opts) -> None:
     opts["cache"], opts["method"] = list(opts["cache"]), list(opts["method"])
     result = run_distill(DistillConfig(**opts))
     f, i = result.final, result.initial
-    summary = ", ".join(f"{k.split('/')[1]} {i.get(k, float('nan')):.4g} -> {v:.4g}" for k, v in f.items())
+    if result.already_finished:
+        summary = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in f.items())
+        click.echo(f"{result.out} already finished {result.steps} steps (held-out {summary or 'not evaluated'}): "
+                   f"nothing to do; pass a larger --steps to continue it, or --overwrite to start again")
+        return
+    summary = ", ".join(f"{k.split('/')[1]} {i[k]:.4g} -> {v:.4g}" if k in i else f"{k.split('/')[1]} {v:.4g}"
+                        for k, v in f.items())
     click.echo(f"trained {result.steps} steps in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tokens/s); "
-               f"held-out {summary}; student saved to {result.out}/student")
+               f"held-out {summary or 'not evaluated (--eval-sequences 0)'}; student saved to {result.out}/student")
 
 
 @cli.command(name="eval")
@@ -206,7 +222,10 @@ def evaluate_command(student: str, cache: str, run_dir: str | None, max_sequence
 @click.option("--only", default=None, help="Run this one step (its dependencies must be done).")
 @click.option("--force", is_flag=True, help="Run the chosen steps even if unchanged.")
 @click.option("--workdir", default=None, help="Where step outputs go (default: the recipe's [run] workdir).")
-def run_command(recipe: str, variables: tuple[str, ...], only: str | None, force: bool, workdir: str | None) -> None:
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow steps that set trust_remote_code (a recipe is trusted like code: read it first).")
+def run_command(recipe: str, variables: tuple[str, ...], only: str | None, force: bool, workdir: str | None,
+                trust_remote_code: bool) -> None:
     """Run a recipe: named extract / distill / eval steps; unchanged steps are skipped."""
     from kdpipe.pipeline.recipe import run_recipe, table
 
@@ -217,7 +236,7 @@ def run_command(recipe: str, variables: tuple[str, ...], only: str | None, force
             raise UserError(f"bad --var {item!r}: use NAME=VALUE")
         overrides[name.strip()] = value
     results = run_recipe(recipe, overrides, only, force, echo=lambda message: click.echo(message, err=True),
-                         workdir=workdir)
+                         workdir=workdir, trust_remote_code=trust_remote_code)
     click.echo(table(results))
 
 

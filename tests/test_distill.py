@@ -89,8 +89,9 @@ def test_resumed_run_continues_identically(sharp, tmp_path):
     run(cache, tmp_path / "straight", steps=20, save_every=10, method=("kd", "lm:weight=0.3"))
     run(cache, tmp_path / "resumed", steps=20, save_every=10, method=("kd", "lm:weight=0.3"))
     ckpts = tmp_path / "resumed" / "checkpoints"
-    (ckpts / "step_0000020.pt").unlink()  # as if it had been killed after step 10
+    shutil.rmtree(ckpts / "step_0000020")  # as if it had been killed after step 10
     shutil.rmtree(tmp_path / "resumed" / "student")
+    (tmp_path / "resumed" / "final.json").unlink()
     run(cache, tmp_path / "resumed", steps=20, save_every=10, method=("kd", "lm:weight=0.3"), resume=True)
     a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "student").state_dict()
     b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "student").state_dict()
@@ -241,8 +242,8 @@ def test_zero_student_training_matches_plain_training(sharp, tmp_path):
     # resume under ZeRO from the step-6 checkpoint (DeepSpeed's own format) reaches the same student
     ckpts = tmp_path / "zero2" / "checkpoints"
     shutil.rmtree(ckpts / "step_0000012")
-    (ckpts / "latest").write_text("step_0000006")
     shutil.rmtree(tmp_path / "zero2" / "student")
+    (tmp_path / "zero2" / "final.json").unlink()
     proc = subprocess.run([sys.executable, "-m", "kdpipe.cli", "distill", *args, "--out", str(tmp_path / "zero2"),
                            "--deepspeed", str(tmp_path / "ds2.json"), "--resume"], env=env, capture_output=True,
                           text=True)

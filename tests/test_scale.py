@@ -14,7 +14,7 @@ import zarr
 from kdpipe.errors import UserError
 from kdpipe.storage.reader import TeacherCache
 from kdpipe.storage.writer import CRASH_ENV
-from tiny import save_teacher
+from tiny import save_teacher, small_disk
 
 SIGNALS = ["--seq-len", "32", "--top-k", "8", "--temperatures", "1,2", "--sample-count", "4", "--hidden-layers",
            "all", "--attention-layers", "all", "--interchange", "all", "--sequences-per-unit", "4", "--quiet"]
@@ -127,27 +127,21 @@ def test_sigkill_then_resume_equals_uninterrupted(crash, baseline, teachers, cor
 
 
 def test_full_disk_is_one_line_and_resumable(baseline, teachers, corpus, tmp_path):
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=480k", "tmpfs", str(disk)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with small_disk(tmp_path, "480k") as (disk, resize):
         out = disk / "cache"
         full = kdpipe_extract(teachers["llama"], corpus, out)
-        assert full.returncode == 2, full.stderr[-2000:]
-        last = full.stderr.strip().splitlines()[-1]
-        assert last.startswith("kdpipe: error: no space left on device") and "--resume" in last
-        assert "Traceback" not in full.stderr
+        again = kdpipe_extract(teachers["llama"], corpus, out, "--resume")  # onto a disk that is still full
+        for proc in (full, again):
+            assert proc.returncode == 2, proc.stderr[-2000:]
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            assert len(lines) == 1, proc.stderr[-3000:]
+            assert lines[0].startswith("kdpipe: error: no space left on device") and "--resume" in lines[0]
         done, total = TeacherCache(out, allow_partial=True).progress()
         assert 0 < done < total and not TeacherCache(out, allow_partial=True).manifest.complete
-        subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)
+        resize("20m")
         resumed = kdpipe_extract(teachers["llama"], corpus, out, "--resume")
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert_same_store(out, baseline)
-    finally:
-        subprocess.run(["umount", str(disk)])
 
 
 def test_user_deepspeed_json_is_merged_under_kdpipe_settings(tmp_path):

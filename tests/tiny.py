@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -73,3 +74,25 @@ def write_corpus(directory: Path, docs: int = 12, words: int = 150, seed: int = 
         text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(words // 2, words)))
         (directory / f"doc{i:02d}.txt").write_text(text + "\n")
     return directory
+
+
+@contextmanager
+def small_disk(tmp_path: Path, size: str):
+    """A tmpfs of `size` mounted at tmp_path/disk (root only; the test skips elsewhere), yielding the mount
+    point and a function that resizes it."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield disk, lambda new: subprocess.run(["mount", "-o", f"remount,size={new}", str(disk)], check=True)
+    finally:
+        subprocess.run(["umount", str(disk)])

@@ -32,6 +32,7 @@ else:  # pragma: no cover
 KINDS = ("extract", "distill", "eval")
 MARKER = "kdpipe-step.json"
 REFERENCE = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
+STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # becomes a directory name: never a path
 
 
 @dataclass
@@ -59,8 +60,8 @@ def _references(value: Any) -> set[str]:
     return set()
 
 
-def load_recipe(path: str, overrides: dict[str, str],
-                workdir: str | None = None) -> tuple[list[Step], dict[str, str], Path]:
+def load_recipe(path: str, overrides: dict[str, str], workdir: str | None = None,
+                trust_remote_code: bool = False) -> tuple[list[Step], dict[str, str], Path]:
     """Steps in dependency order, the variables, and the work directory."""
     file = Path(path)
     try:
@@ -69,20 +70,32 @@ def load_recipe(path: str, overrides: dict[str, str],
         raise UserError(f"recipe {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"recipe {path} is not valid TOML: {exc}") from None
+    if not isinstance(raw.get("vars", {}), dict) or not isinstance(raw.get("run", {}), dict):
+        raise UserError(f"recipe {path}: [vars] and [run] must be tables (vars.x = ..., or a [vars] section)")
     variables = {k: str(v) for k, v in raw.get("vars", {}).items()} | overrides
     base = file.parent.resolve()
-    chosen = Path(workdir) if workdir else Path(raw.get("run", {}).get("workdir", f"runs/{file.stem}"))
+    chosen = Path(workdir) if workdir else Path(str(raw.get("run", {}).get("workdir", f"runs/{file.stem}")))
     workdir = chosen.resolve() if workdir else (chosen if chosen.is_absolute() else base / chosen)
     tables = raw.get("steps")
     if not isinstance(tables, dict) or not tables:
         raise UserError(f"recipe {path} has no [steps.NAME] tables")
     steps = {}
     for name, table in tables.items():
+        if not STEP_NAME.match(name):
+            raise UserError(f"recipe step name {name!r} is not allowed: use letters, digits, - and _ (it names the "
+                            f"step's output directory)")
         kind = table.get("kind") if isinstance(table, dict) else None
         if kind not in KINDS:
             raise UserError(f"recipe step {name!r} needs kind = one of {', '.join(KINDS)}")
         settings = {k.replace("-", "_"): v for k, v in table.items() if k not in ("kind", "after")}
-        needs = sorted(_references(list(settings.values())) | set(table.get("after", [])))
+        if settings.get("trust_remote_code") and not trust_remote_code:
+            raise UserError(f"recipe step {name!r} sets trust_remote_code, which runs the model's own Python code: "
+                            f"run the recipe with `kdpipe run --trust-remote-code` if you trust it")
+        after = table.get("after", [])
+        after = [after] if isinstance(after, str) else after
+        if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
+            raise UserError(f"recipe step {name!r}: after must name steps, e.g. after = [\"teacher\"]")
+        needs = sorted(_references(list(settings.values())) | set(after))
         unknown = [n for n in needs if n not in tables]
         if unknown:
             raise UserError(f"recipe step {name!r} refers to {unknown[0]!r}, which is not a step")
@@ -211,8 +224,8 @@ def _summary(kind: str, out: Path, seconds: float) -> dict[str, Any]:
 
 
 def run_recipe(path: str, overrides: dict[str, str], only: str | None = None, force: bool = False,
-               echo=print, workdir: str | None = None) -> list[StepResult]:
-    steps, variables, workdir = load_recipe(path, overrides, workdir)
+               echo=print, workdir: str | None = None, trust_remote_code: bool = False) -> list[StepResult]:
+    steps, variables, workdir = load_recipe(path, overrides, workdir, trust_remote_code)
     base = Path(path).parent.resolve()
     if only is not None and only not in {s.name for s in steps}:
         raise UserError(f"recipe {path} has no step {only!r} (steps: {', '.join(s.name for s in steps)})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -11,7 +12,18 @@ from kdpipe.errors import UserError
 from kdpipe.storage.reader import TeacherCache
 from kdpipe.storage.schema import array_specs
 from kdpipe.storage.verify import describe_units, verify
-from kdpipe.storage.writer import store_bytes
+from kdpipe.storage.manifest import Manifest
+from kdpipe.storage.writer import group_attrs, store_bytes
+
+
+def open_manifest(path: str) -> Manifest:
+    """The manifest of the cache at `path`, or one clear error if there is no cache there."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"no teacher cache at {path}: run `kdpipe extract --out {path}` first")
+    if not (p / "zarr.json").exists():
+        raise UserError(f"{path} is not a kdpipe teacher cache (no zarr.json)")
+    return Manifest.from_dict(group_attrs(path).get("kdpipe"), where=path)
 
 
 def cache_summary(path: str) -> dict[str, Any]:
@@ -73,7 +85,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def run_verify(path: str, repair: bool) -> None:
-    cache = TeacherCache(path, allow_partial=True)  # validates that it is a cache at all
+    manifest = open_manifest(path)
     report = verify(path, repair=repair)
     for problem in report.problems:
         click.echo(f"  {problem}")
@@ -81,12 +93,13 @@ def run_verify(path: str, repair: bool) -> None:
     if report.units_done < report.units_total and not report.damaged_units:
         click.echo(f"cache is incomplete: finish it with `kdpipe extract --resume --out {path}` and the same settings")
     if not report.ok:
-        if report.damaged_units:
-            where = describe_units(cache.manifest, report.damaged_units)
+        first = report.problems[0]
+        if report.damaged_units and not report.metadata_damaged:
+            where = describe_units(manifest, report.damaged_units)
             fix = ("ledger flags cleared" if repair else "run `kdpipe verify --repair` to clear their ledger flags")
-            raise UserError(f"{len(report.problems)} problem(s), damaged: {where}; {fix}, then "
+            raise UserError(f"{len(report.problems)} problem(s) ({first}), damaged: {where}; {fix}, then "
                             f"`kdpipe extract --resume` re-extracts them")
-        raise UserError(f"{len(report.problems)} problem(s) in {path}: re-extract it with --overwrite")
+        raise UserError(f"{len(report.problems)} problem(s) in {path} ({first}): re-extract it with --overwrite")
     if report.units_done < report.units_total:
         raise UserError(f"{path} is incomplete ({report.units_done}/{report.units_total} units): "
                         f"rerun `kdpipe extract --resume`")

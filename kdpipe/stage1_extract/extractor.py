@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+
+import click
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -15,11 +17,12 @@ from kdpipe.stage1_extract.engines import Ranks, load_deepspeed_teacher
 from kdpipe.stage1_extract.logits import LogitSpec
 from kdpipe.stage1_extract.runner import UnitRunner
 from kdpipe.stage1_extract.teacher import (configure_threads, describe_teacher, describe_tokenizer, load_teacher,
-                                           load_tokenizer, resolve_teacher)
+                                           load_tokenizer, resolve_teacher, saved_files, weights_fingerprint)
 from kdpipe.storage.fingerprint import data_fingerprint
 from kdpipe.storage.manifest import DataInfo, EngineInfo, Layout, Manifest, SignalSpec
 from kdpipe.storage.schema import array_specs, unit_range
-from kdpipe.storage.writer import UnitWriter, finalize, open_store, prepare_store, units_done
+from kdpipe.storage.lock import DirectoryLock, describe
+from kdpipe.storage.writer import UnitWriter, check_out, finalize, open_store, prepare_store, units_done
 
 
 @dataclass
@@ -102,16 +105,29 @@ def extract(cfg: ExtractConfig, model=None, tokenizer=None) -> ExtractResult:
     """Run the teacher over the corpus into the cache at `cfg.out`. A caller that already holds the teacher
     (and its tokenizer) passes them in; `cfg.teacher` then only names it in the manifest."""
     _check_options(cfg)
+    # everything a user can get wrong about paths is checked before any model or tokenizer loads
+    source = resolve_teacher(cfg.teacher)
+    files = expand_sources(cfg.data)
+    check_out(cfg.out, cfg.resume, cfg.overwrite)
     configure_threads()
     if cfg.quiet:
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-    source = resolve_teacher(cfg.teacher)
-    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer, source, cfg.trust_remote_code)
-    files = expand_sources(cfg.data)
     ranks = Ranks.from_env(cfg.device, needed=cfg.engine == "deepspeed")
+    lock = DirectoryLock(cfg.out, "teacher cache")
+    ranks.first(lock.acquire)  # one writer per store: rank 0 holds its lock
+    try:
+        if lock.took_over:
+            log(f"took over the lock of {describe(lock.took_over)}, which is no longer running")
+        return _extract(cfg, source, files, ranks, model, tokenizer)
+    finally:
+        lock.release()
+
+
+def _extract(cfg: ExtractConfig, source, files, ranks: Ranks, model, tokenizer) -> ExtractResult:
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer, source, cfg.trust_remote_code)
     engine = EngineInfo(name=cfg.engine, device=cfg.device, world_size=ranks.world)
     if cfg.engine == "deepspeed":
         engine.zero_stage, engine.offload = 3, cfg.offload
@@ -120,9 +136,12 @@ def extract(cfg: ExtractConfig, model=None, tokenizer=None) -> ExtractResult:
                                               cfg.deepspeed, cfg.trust_remote_code)
     model = model or load_teacher(source, cfg.dtype, cfg.device, cfg.trust_remote_code)
     manifest, tokens, lengths = _plan(cfg, source, model, tokenizer, files, engine)
+    tokenizer_files = saved_files(tokenizer)
+    manifest.tokenizer.files = {name: len(data) for name, data in tokenizer_files.items()}
 
     # rank 0 creates (or reopens) the store; the others open it once it exists, and all fail together
-    group = ranks.first(lambda: prepare_store(cfg.out, manifest, tokens, lengths, cfg.resume, cfg.overwrite))
+    group = ranks.first(lambda: prepare_store(cfg.out, manifest, tokens, lengths, cfg.resume, cfg.overwrite,
+                                              tokenizer_files))
     group = group if ranks.rank == 0 else open_store(cfg.out)
     pending = [u for u, done in enumerate(units_done(group)) if not done]
     mine = pending[ranks.rank::ranks.world]
@@ -159,9 +178,13 @@ def extract(cfg: ExtractConfig, model=None, tokenizer=None) -> ExtractResult:
     return ExtractResult(cfg.out, manifest, written_seqs, written_tokens, seconds, manifest.complete)
 
 
+def log(message: str) -> None:
+    click.echo(f"kdpipe: {message}", err=True)
+
+
 def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInfo):
     """Check the settings against the teacher, pack the corpus, and write down the manifest."""
-    teacher = describe_teacher(model, source.name, cfg.dtype)
+    teacher = describe_teacher(model, source.name, cfg.dtype, weights_fingerprint(source))
     if teacher.max_positions and cfg.seq_len > teacher.max_positions:
         raise UserError(f"--seq-len {cfg.seq_len} is longer than the teacher's {teacher.max_positions} positions: "
                         f"lower --seq-len")

@@ -13,7 +13,8 @@ from torch import nn
 from kdpipe.capture import find_blocks, self_attention, text_config
 from kdpipe.modelio import DTYPES, TeacherSource, load_teacher, resolve_teacher  # noqa: F401  (re-exported)
 from kdpipe.errors import UserError
-from kdpipe.storage.fingerprint import config_fingerprint, vocab_fingerprint
+from kdpipe.storage.fingerprint import (config_fingerprint, files_fingerprint, tokenizer_fingerprint,
+                                        vocab_fingerprint, weight_files)
 from kdpipe.storage.manifest import TeacherInfo, TokenizerInfo
 
 def load_tokenizer(path: str | None, source: TeacherSource, trust_remote_code: bool = False):
@@ -29,6 +30,18 @@ def load_tokenizer(path: str | None, source: TeacherSource, trust_remote_code: b
         raise UserError(f"cannot load a tokenizer from {where} ({type(exc).__name__}): pass --tokenizer") from None
 
 
+def saved_files(tokenizer) -> dict[str, bytes]:
+    """The files `save_pretrained` writes for this tokenizer (name: bytes), to keep in the cache."""
+    import tempfile
+
+    from kdpipe.storage.manifest import SAFE_NAME
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir())
+                if p.is_file() and p.stat().st_size and SAFE_NAME.match(p.name)}
+
+
 def max_positions(model: nn.Module) -> int | None:
     cfg = text_config(model)
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
@@ -38,7 +51,14 @@ def max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def describe_teacher(model: nn.Module, name: str, dtype: str) -> TeacherInfo:
+def weights_fingerprint(source: TeacherSource) -> str:
+    files = weight_files(source.directory, source.gguf_file)
+    if not files:
+        raise UserError(f"teacher {source.name} has no weight files (.safetensors, .bin, .gguf)")
+    return files_fingerprint(files, source.directory)
+
+
+def describe_teacher(model: nn.Module, name: str, dtype: str, weights_sha256: str = "") -> TeacherInfo:
     cfg = text_config(model)
     heads = cfg.num_attention_heads
     hidden = cfg.hidden_size
@@ -56,6 +76,7 @@ def describe_teacher(model: nn.Module, name: str, dtype: str) -> TeacherInfo:
         vocab_size=_rows(model.get_output_embeddings().weight),
         dtype=dtype,
         config_sha256=config_fingerprint(json.loads(cfg.to_json_string(use_diff=False))),
+        weights_sha256=weights_sha256,
         config=json.loads(model.config.to_json_string(use_diff=False)),
         max_positions=max_positions(model),
         causal=bool(getattr(attn, "is_causal", True)),
@@ -70,7 +91,7 @@ def _rows(weight: torch.Tensor) -> int:
 def describe_tokenizer(tokenizer, name: str) -> TokenizerInfo:
     specials = {k: getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "unk")}
     return TokenizerInfo(name=name, vocab_sha256=vocab_fingerprint(tokenizer.get_vocab()),
-                         vocab_size=len(tokenizer), special_ids=specials)
+                         vocab_size=len(tokenizer), special_ids=specials, sha256=tokenizer_fingerprint(tokenizer))
 
 
 def configure_threads() -> None:

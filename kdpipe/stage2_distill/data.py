@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from kdpipe.errors import UserError
-from kdpipe.stage2_distill.methods.base import Batch, Needs
+from kdpipe.stage2_distill.methods.base import Batch, Needs, check_needs
 from kdpipe.storage.reader import TeacherCache
 
 
@@ -29,13 +29,24 @@ class Split:
     eval_units: list[int]
 
     @classmethod
-    def choose(cls, cache: TeacherCache, eval_sequences: int, seed: int) -> "Split":
+    def choose(cls, cache: TeacherCache, eval_sequences: int | None, seed: int, warn=None) -> "Split":
+        """Whole units held out: `eval_sequences` worth (rounded up to units), or by default 10% of the units
+        (at least one, at most 64 sequences' worth). A held-out share above 20% is said out loud."""
         units = np.flatnonzero(cache.units_done()).tolist()
         per = cache.manifest.layout.sequences_per_unit
-        n_eval = min(len(units) - 1, -(-eval_sequences // per)) if eval_sequences > 0 else 0
-        if len(units) < 2 and eval_sequences > 0:
-            raise UserError(f"{cache.path} has {len(units)} work unit(s): too few to hold some out for evaluation; "
-                            f"use --eval-sequences 0 or extract more data")
+        if eval_sequences is None:
+            n_eval = max(1, min(-(-64 // per), len(units) // 10)) if len(units) >= 2 else 0
+        elif eval_sequences > 0:
+            if len(units) < 2:
+                raise UserError(f"{cache.path} has {len(units)} work unit(s): too few to hold some out for "
+                                f"evaluation; use --eval-sequences 0 or extract more data")
+            n_eval = min(len(units) - 1, -(-eval_sequences // per))
+        else:
+            n_eval = 0
+        if warn is not None and units and n_eval / len(units) > 0.2:
+            warn(f"holding out {n_eval} of {len(units)} work units ({n_eval / len(units):.0%} of the cache) for "
+                 f"evaluation, trained on {len(units) - n_eval}: extract more data, or set --eval-sequences "
+                 f"(0: no held-out set)")
         order = np.random.default_rng([seed, 7]).permutation(units).tolist()
         return cls(train_units=sorted(order[n_eval:]), eval_units=sorted(order[:n_eval]))
 
@@ -186,3 +197,31 @@ def eval_batches(cache: TeacherCache, needs: Needs, units: list[int], batch_size
                 return
             left -= len(rows)
             yield reader.batch(buffer, rows)
+
+
+def open_caches(paths: list[str], allow_partial: bool) -> list[TeacherCache]:
+    """The caches of one run: every teacher over the same token ids (one data fingerprint). Units come
+    from the first; the others must be complete."""
+    caches = [TeacherCache(p, allow_partial=allow_partial and i == 0) for i, p in enumerate(paths)]
+    first = caches[0]
+    for other in caches[1:]:
+        a, b = first.manifest.data.fingerprint, other.manifest.data.fingerprint
+        if a != b:
+            raise UserError(f"caches {first.path} (data fingerprint {a[:16]}) and {other.path} ({b[:16]}) hold "
+                            f"different token ids: extract every teacher over the same --data, --seq-len and "
+                            f"--packing with the same tokenizer")
+    return caches
+
+
+def check_teachers(caches: list[TeacherCache], methods) -> None:
+    """Every method's needs against every cache; logits across teachers need one vocabulary."""
+    if len(caches) > 1 and not any(mt.teacher_needs(i) != Needs() for mt in methods for i in range(1, len(caches))):
+        raise UserError(f"{len(caches)} caches given but no chosen method reads more than one teacher: add a "
+                        f"multi-teacher method (tmkd, mt_bert, rl_kd, uncertainty, dgkd) or pass one --cache")
+    first = caches[0].manifest
+    for i, cache in enumerate(caches):
+        check_needs(methods, cache.manifest, cache.path, i)
+        reads_logits = any(mt.teacher_needs(i).topk or mt.teacher_needs(i).sampled for mt in methods)
+        if i and reads_logits and cache.manifest.tokenizer.vocab_sha256 != first.tokenizer.vocab_sha256:
+            raise UserError(f"{cache.path} and {caches[0].path} come from teachers with different vocabularies: "
+                            f"logit methods across teachers need one tokenizer")

@@ -4,13 +4,22 @@ bucket KL to the teacher over its stored top-k, and top-1 agreement with the tea
 from __future__ import annotations
 
 import math
+import sys
+import time
+from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
+from kdpipe.errors import UserError
+from kdpipe.modelio import load_teacher, resolve_teacher
+from kdpipe.stage2_distill.data import eval_batches
 from kdpipe.stage2_distill.losses import bucket_kl, lm_loss
-from kdpipe.stage2_distill.methods.base import Batch
+from kdpipe.stage2_distill.methods.base import Batch, Needs
+from kdpipe.stage2_distill.rundir import read_json
+from kdpipe.storage.reader import TeacherCache
 
 
 @torch.no_grad()
@@ -35,36 +44,40 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device, p
             "eval/top1_agreement": agree / max(positions, 1)}
 
 
-def evaluate_model(student: str, cache_path: str, run_dir: str | None, max_sequences: int | None,
+def held_out_units(run_dir: Path, cache: TeacherCache) -> list[int]:
+    """The held-out units a run recorded in its run.json (checked: a run directory is input too)."""
+    record = read_json(run_dir / "run.json")
+    if record is None:
+        raise UserError(f"{run_dir} is not a kdpipe distill run (no run.json)")
+    units = record.get("split", {}).get("eval_units") if isinstance(record, dict) else None
+    total = cache.manifest.layout.num_units
+    if not isinstance(units, list) or not all(isinstance(u, int) and 0 <= u < total for u in units):
+        raise UserError(f"{run_dir}/run.json has no valid held-out units for {cache.path} ({total} units)")
+    if record.get("cache_fingerprint") not in (None, cache.manifest.data.fingerprint):
+        raise UserError(f"{run_dir} was trained on a cache of other token ids than {cache.path}: its held-out units "
+                        f"mean nothing there")
+    return units
+
+
+def evaluate_model(model_path: str, cache_path: str, run_dir: str | None, max_sequences: int | None,
                    batch_size: int, device: str) -> dict[str, float]:
-    """`kdpipe eval`: a saved student (any HF causal LM directory) against a cache: all its sequences, or the
-    held-out units of a `kdpipe distill` run."""
-    import json
-    import time
-    from pathlib import Path
-
-    import transformers
-
-    from kdpipe.errors import UserError
-    from kdpipe.stage2_distill.data import eval_batches
-    from kdpipe.stage2_distill.methods.base import Needs
-    from kdpipe.storage.reader import TeacherCache
-
+    """`kdpipe eval`: any causal LM (a saved student, or a teacher: a model directory or a .gguf file) against
+    a cache: the held-out units of a `kdpipe distill` run, or all of its sequences."""
+    source = resolve_teacher(model_path, "model")  # paths first, before anything loads
     cache = TeacherCache(cache_path)
-    if not (Path(student) / "config.json").exists():
-        raise UserError(f"{student} is not a model directory (no config.json)")
-    model = transformers.AutoModelForCausalLM.from_pretrained(student).to(device)
+    if run_dir:
+        units = held_out_units(Path(run_dir), cache)
+    else:
+        units = np.flatnonzero(cache.units_done()).tolist()
+        print(f"kdpipe: evaluating on all {cache.num_sequences} sequences of {cache_path}, training sequences "
+              f"included: pass --run DIR to use that run's held-out units", file=sys.stderr)
+    if not units or max_sequences == 0 or batch_size <= 0:
+        raise UserError("no sequences to evaluate on (check --run, --max-sequences and --batch-size)")
+    model = load_teacher(source, device=device)
     vocab = model.get_output_embeddings().weight.shape[0]
     if vocab != cache.manifest.teacher.vocab_size:
-        raise UserError(f"{student} has a vocabulary of {vocab}, the cache's teacher {cache.manifest.teacher.vocab_size}")
-    units = list(range(cache.manifest.layout.num_units))
-    if run_dir:
-        run_file = Path(run_dir) / "run.json"
-        if not run_file.exists():
-            raise UserError(f"{run_dir} is not a kdpipe distill run (no run.json)")
-        units = json.loads(run_file.read_text())["split"]["eval_units"]
-    if not units or max_sequences == 0:
-        raise UserError("no sequences to evaluate on")
+        raise UserError(f"{model_path} has a vocabulary of {vocab}, the cache's teacher "
+                        f"{cache.manifest.teacher.vocab_size}: evaluate a model of the teacher's vocabulary")
     seen = {"sequences": 0, "tokens": 0}
 
     def batches():

@@ -156,3 +156,25 @@ def init_from_teacher_layers(student: nn.Module, teacher_path: str, layer_map: s
                     copied += 1
     student.load_state_dict(s_state)
     return f"initialized from teacher layers {[t for _, t in pairs]} ({copied} tensors)"
+
+
+def save_student(model: nn.Module, engine, path: Path, cache=None) -> None:
+    """save_pretrained (ZeRO-3's partitioned parameters gathered first; an ALBERT-style student multiplied
+    out to the plain model it computes), with the teacher's tokenizer from `cache` beside it, so the
+    student loads with `AutoModelForCausalLM`/`AutoTokenizer` and can be a teacher in turn (TAKD)."""
+    if engine is not None and engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+            if engine.global_rank == 0:
+                model.save_pretrained(path, state_dict={k: v.clone() for k, v in model.state_dict().items()})
+    else:
+        if getattr(model, "kdpipe_albert", False):
+            from kdpipe.stage2_distill.albert import export
+
+            model = export(model)
+        if engine is None or engine.global_rank == 0:
+            model.save_pretrained(path)
+    if cache is not None:
+        for name, data in cache.tokenizer_files().items():  # names were checked to be plain file names
+            (path / name).write_bytes(data)

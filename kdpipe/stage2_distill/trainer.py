@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -20,12 +20,12 @@ from kdpipe.capture import Capture, text_config
 from kdpipe.distributed import distributed_env
 from kdpipe.errors import UserError
 from kdpipe.stage2_distill import checkpoint
-from kdpipe.stage2_distill.data import Split, TrainBatches, eval_batches, merge_needs
+from kdpipe.stage2_distill.data import Split, TrainBatches, check_teachers, eval_batches, merge_needs, open_caches
 from kdpipe.stage2_distill.evaluate import evaluate
 from kdpipe.stage2_distill.methods import Context, StudentOutput
-from kdpipe.stage2_distill.methods.base import Needs, build_methods, check_needs
-from kdpipe.stage2_distill.student import build_student
-from kdpipe.storage.reader import TeacherCache
+from kdpipe.stage2_distill.methods.base import Needs, build_methods
+from kdpipe.stage2_distill.rundir import RunDir
+from kdpipe.stage2_distill.student import build_student, save_student
 
 
 @dataclass
@@ -46,9 +46,10 @@ class DistillConfig:
     clip: float = 1.0
     seed: int = 0
     eval_every: int = 0  # 0: only at the end
-    eval_sequences: int = 64
+    eval_sequences: int | None = None  # None: a share of the units (see data.Split), capped at 64 sequences
     save_every: int = 0  # 0: only at the end
     resume: bool = False
+    overwrite: bool = False
     deepspeed: str | None = None
     device: str = "cpu"
     precision: str = "auto"  # auto | fp32 | bf16
@@ -66,6 +67,39 @@ class DistillResult:
     initial: dict[str, float]
     seconds: float
     tokens_per_second: float
+    already_finished: bool = False  # resumed a run that had finished: nothing was trained
+
+
+def check_config(cfg: DistillConfig) -> None:
+    """Every flag a user can get wrong, before anything is read or loaded."""
+    checks = [
+        (bool(cfg.cache), "no --cache given: pass the teacher cache to learn from"),
+        (cfg.steps > 0 and cfg.batch_size > 0 and cfg.grad_accum > 0,
+         "--steps, --batch-size and --grad-accum must be positive"),
+        (cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a positive number (got {cfg.lr:g})"),
+        (cfg.weight_decay >= 0, "--weight-decay must be 0 or more"),
+        (cfg.warmup >= 0, "--warmup must be 0 or more (a fraction of --steps below 1, or a step count)"),
+        (0 <= cfg.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
+        (cfg.clip > 0, "--clip must be positive"),
+        (cfg.eval_every >= 0 and cfg.save_every >= 0, "--eval-every and --save-every must be 0 or more"),
+        (cfg.eval_sequences is None or cfg.eval_sequences >= 0, "--eval-sequences must be 0 or more"),
+        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other: pick one"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    check_device(cfg.device)
+
+
+def check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r} is not supported: use cpu, cuda or cuda:N")
 
 
 def lr_lambda(cfg: DistillConfig):
@@ -86,34 +120,6 @@ def _autocast(cfg: DistillConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def open_caches(paths: list[str], allow_partial: bool) -> list[TeacherCache]:
-    """The caches of one run: every teacher over the same token ids (one data fingerprint). Units come
-    from the first; the others must be complete."""
-    caches = [TeacherCache(p, allow_partial=allow_partial and i == 0) for i, p in enumerate(paths)]
-    first = caches[0]
-    for other in caches[1:]:
-        a, b = first.manifest.data.fingerprint, other.manifest.data.fingerprint
-        if a != b:
-            raise UserError(f"caches {first.path} (data fingerprint {a[:16]}) and {other.path} ({b[:16]}) hold "
-                            f"different token ids: extract every teacher over the same --data, --seq-len and "
-                            f"--packing with the same tokenizer")
-    return caches
-
-
-def check_teachers(caches: list[TeacherCache], methods) -> None:
-    """Every method's needs against every cache; logits across teachers need one vocabulary."""
-    if len(caches) > 1 and not any(mt.teacher_needs(i) != Needs() for mt in methods for i in range(1, len(caches))):
-        raise UserError(f"{len(caches)} caches given but no chosen method reads more than one teacher: add a "
-                        f"multi-teacher method (tmkd, mt_bert, rl_kd, uncertainty, dgkd) or pass one --cache")
-    first = caches[0].manifest
-    for i, cache in enumerate(caches):
-        check_needs(methods, cache.manifest, cache.path, i)
-        reads_logits = any(mt.teacher_needs(i).topk or mt.teacher_needs(i).sampled for mt in methods)
-        if i and reads_logits and cache.manifest.tokenizer.vocab_sha256 != first.tokenizer.vocab_sha256:
-            raise UserError(f"{cache.path} and {caches[0].path} come from teachers with different vocabularies: "
-                            f"logit methods across teachers need one tokenizer")
-
-
 def student_runner(model, padded: bool):
     """A forward of the student with some hidden states edited, keeping the graph (StudentOutput.run)."""
     def run(input_ids, mask, edits, hidden_layers=()):
@@ -124,20 +130,20 @@ def student_runner(model, padded: bool):
 
 
 def distill(cfg: DistillConfig) -> DistillResult:
-    if not cfg.cache:
-        raise UserError("no --cache given: pass the teacher cache to learn from")
-    if cfg.steps <= 0 or cfg.batch_size <= 0 or cfg.grad_accum <= 0:
-        raise UserError("--steps, --batch-size and --grad-accum must be positive")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
+    check_config(cfg)
+    rank, world = distributed_env()
+    run = RunDir(cfg.out, cfg.resume, cfg.overwrite, rank)  # refuses a run it must not touch, before any loading
     caches = open_caches(cfg.cache, cfg.allow_partial)
-    cache, m = caches[0], caches[0].manifest
-    out = Path(cfg.out)
-    ckpt_dir = out / "checkpoints"
-    if out.exists() and any(out.iterdir()) and not cfg.resume:
-        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    device = torch.device(cfg.device)
+    with run:  # one writer per run directory (rank 0 holds the lock)
+        finished = run.finished(cfg.steps) if cfg.resume else None
+        if finished is not None:  # finished is a state, not an error: nothing is retrained or rewritten
+            return DistillResult(str(run.path), cfg.steps, finished["final"], finished["initial"], 0.0, 0.0, True)
+        return _train(cfg, run, caches, rank, world)
 
+
+def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> DistillResult:
+    cache, m = caches[0], caches[0].manifest
+    device = torch.device(cfg.device)
     student = build_student(cfg.student, m.teacher, cfg.seed, cfg.init_from_teacher, cfg.layer_map,
                             cfg.trust_remote_code)
     model = student.model.to(device)
@@ -152,11 +158,14 @@ def distill(cfg: DistillConfig) -> DistillResult:
     check_teachers(caches, methods)
     for method in methods:
         method.to(device)
-    split = Split.choose(cache, cfg.eval_sequences, cfg.seed)
+    split = Split.choose(cache, cfg.eval_sequences, cfg.seed, warn=log)
     needs = merge_needs([mt.needs() for mt in methods] + [Needs(topk=bool(split.eval_units))])  # eval reads top-k
     other_needs = [(c, merge_needs([mt.teacher_needs(i) for mt in methods])) for i, c in enumerate(caches) if i]
     student_layers = sorted({layer for mt in methods for layer in mt.student_layers()})
     student_blocks = sorted({layer for mt in methods for layer in mt.student_attention_layers()})
+    if world > 1 and len(split.train_units) < world:
+        raise UserError(f"{len(split.train_units)} training units cannot be split over {world} ranks: extract with "
+                        f"a smaller --sequences-per-unit")
     params = [p for p in model.parameters()] + [p for mt in methods for p in mt.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -166,29 +175,34 @@ def distill(cfg: DistillConfig) -> DistillResult:
 
         engine = wrap_student(model, optimizer, cfg.deepspeed, cfg.batch_size, cfg.grad_accum, cfg.clip, cfg.device)
 
-    start = _restore(ckpt_dir, model, methods, optimizer, scheduler, engine, split) if cfg.resume else 0
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps({"config": asdict(cfg), "split": asdict(split), "student":
-                                              student.description, "methods": [mt.describe() for mt in methods],
-                                              "cache_fingerprint": m.data.fingerprint}, indent=2))
+    ckpt_dir = run.path / "checkpoints"
+    state = checkpoint.restore_training(ckpt_dir, model, methods, optimizer, scheduler, engine) if cfg.resume else None
+    start = state["step"] if state else 0
+    if state and state.get("split") != asdict(split):
+        raise UserError(f"the checkpoint in {ckpt_dir} was trained on another train/eval split: resume with the "
+                        f"run's own --seed, --eval-sequences and cache")
+    previous = run.previous() or {}
+    if cfg.resume and previous.get("cache_fingerprint") not in (None, m.data.fingerprint):
+        raise UserError(f"{run.path} was trained on a cache of other token ids: resume it with its own --cache")
+    history = run.keep_metrics_until(start if start else -1)  # steps after it are redone, not logged twice
+    run.write_run({"config": asdict(cfg), "split": asdict(split), "student": student.description,
+                   "methods": [mt.describe() for mt in methods], "cache_fingerprint": m.data.fingerprint})
 
     padded = m.data.packing == "padded"
     run_student = student_runner(model, padded)
     evaluate_now = lambda: evaluate(model, eval_batches(cache, needs, split.eval_units, cfg.batch_size), device, padded)  # noqa: E731
-    initial = evaluate_now() if split.eval_units and start == 0 else {}
-    rank, world = distributed_env()
-    metrics = open(out / ("metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl"), "a")
-    if initial:
+    evals = [r for r in history if "eval/ce" in r]
+    initial = next((strip_step(r) for r in evals if r["step"] == 0), {})
+    final = strip_step(evals[-1]) if evals else {}
+    metrics = open(run.metrics_file, "a")
+    if split.eval_units and start == 0:
+        initial = final = evaluate_now()
         metrics.write(json.dumps({"step": 0, **initial}) + "\n")
-    if world > 1 and len(split.train_units) < world:
-        raise UserError(f"{len(split.train_units)} training units cannot be split over {world} ranks: extract with "
-                        f"a smaller --sequences-per-unit")
     batches = TrainBatches(cache, needs, split.train_units[rank::world], cfg.batch_size, cfg.seed, cfg.buffer_units,
                            skip=start * cfg.grad_accum, others=other_needs)  # each rank reads its own units
     bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=cfg.quiet, dynamic_ncols=True)
     tokens = 0
     t0 = time.perf_counter()
-    final = dict(initial)
     try:
         for step in range(start, cfg.steps):
             model.train()
@@ -231,76 +245,24 @@ def distill(cfg: DistillConfig) -> DistillResult:
                             {"tok/s": f"{record['tokens_per_s']:.0f}"})
             bar.update(1)
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
-                _save(ckpt_dir, step + 1, model, methods, optimizer, scheduler, engine, split)
+                checkpoint.save_training(ckpt_dir, step + 1, model, methods, optimizer, scheduler, engine,
+                                         {"split": asdict(split)})
+        if split.eval_units and start == cfg.steps and not (evals and evals[-1]["step"] == cfg.steps):
+            final = evaluate_now()  # stopped between the last checkpoint and its evaluation
     finally:
         bar.close()
         batches.close()
         metrics.close()
     seconds = time.perf_counter() - t0
-    _save_student(model, engine, out / "student")
+    save_student(model, engine, run.path / "student", cache if rank == 0 else None)
     if rank == 0:
-        _save_tokenizer(m.tokenizer.name, out / "student")
-    (out / "final.json").write_text(json.dumps({"initial": initial, "final": final}, indent=2))
-    return DistillResult(str(out), cfg.steps, final, initial, seconds, tokens / max(seconds, 1e-9))
+        run.write_final({"steps": cfg.steps, "initial": initial, "final": final})
+    return DistillResult(str(run.path), cfg.steps, final, initial, seconds, tokens / max(seconds, 1e-9))
 
 
-def _save(directory: Path, step: int, model, methods, optimizer, scheduler, engine, split: Split) -> None:
-    state = {"methods": [mt.state_dict() for mt in methods], "scheduler": scheduler.state_dict(),
-             "split": asdict(split)}
-    if engine is not None:  # ZeRO partitions the optimizer (and, at stage 3, the model): DeepSpeed saves them
-        engine.save_checkpoint(str(directory), tag=f"step_{step:07d}",
-                               client_state={**state, "step": step, "rng": torch.get_rng_state()})
-        return
-    checkpoint.save(directory, step, {**state, "student": model.state_dict(), "optimizer": optimizer.state_dict()})
+def log(message: str) -> None:
+    print(f"kdpipe: {message}", file=sys.stderr, flush=True)
 
 
-def _restore(directory: Path, model, methods, optimizer, scheduler, engine, split: Split) -> int:
-    """Load the latest checkpoint; return the step it was taken at (0 when there is none)."""
-    if engine is not None:
-        if not (directory / "latest").exists():
-            return 0
-        _, state = engine.load_checkpoint(str(directory))
-        torch.set_rng_state(state["rng"])
-    else:
-        latest = checkpoint.latest(directory)
-        if latest is None:
-            return 0
-        state = checkpoint.load(latest)
-        model.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-    if state["split"] != asdict(split):
-        raise UserError(f"the checkpoint in {directory} was trained on another train/eval split: use the same "
-                        f"--seed, --eval-sequences and cache")
-    for mt, sd in zip(methods, state["methods"]):
-        mt.load_state_dict(sd)
-    scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
-
-
-def _save_tokenizer(name: str, directory: Path) -> None:
-    """The teacher's tokenizer beside the student, so the student can be a teacher in turn (TAKD); skipped
-    when the tokenizer the cache was made with is no longer where it was."""
-    from kdpipe.modelio import resolve_teacher
-    from kdpipe.stage1_extract.teacher import load_tokenizer
-
-    try:
-        load_tokenizer(None, resolve_teacher(name)).save_pretrained(directory)
-    except UserError:
-        pass
-
-
-def _save_student(model, engine, path: Path) -> None:
-    """save_pretrained, with ZeRO-3's partitioned parameters gathered first."""
-    if engine is not None and engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
-            if engine.global_rank == 0:
-                model.save_pretrained(path, state_dict={k: v.clone() for k, v in model.state_dict().items()})
-        return
-    if getattr(model, "kdpipe_albert", False):  # shared/factorized: saved multiplied out, a plain model
-        from kdpipe.stage2_distill.albert import export
-
-        model = export(model)
-    if engine is None or engine.global_rank == 0:
-        model.save_pretrained(path)
+def strip_step(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k.startswith("eval/")}

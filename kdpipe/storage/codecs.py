@@ -16,6 +16,8 @@ PRESETS = {
     "floats": dict(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle),
     # dense attention is the bulkiest signal: favour speed over the last few percent
     "attention": dict(cname="zstd", clevel=1, shuffle=BloscShuffle.bitshuffle),
+    # files kept whole (the tokenizer's): plain zstd
+    "bytes": dict(cname="zstd", clevel=9, shuffle=BloscShuffle.noshuffle),
     # ledger flags and small arrays: checksum only
     "raw": None,
 }

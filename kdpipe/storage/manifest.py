@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +20,7 @@ from kdpipe.errors import UserError
 
 FORMAT = "kdpipe-cache"
 VERSION = 1
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # a file name, never a path
 
 
 @dataclass
@@ -30,6 +35,7 @@ class TeacherInfo:
     vocab_size: int
     dtype: str
     config_sha256: str
+    weights_sha256: str = ""  # over the weight files' bytes: a resume with other weights is refused
     max_positions: int | None = None
     causal: bool = True
     config: dict[str, Any] = field(default_factory=dict)  # the full HF config: students of its shape need no teacher files
@@ -41,6 +47,8 @@ class TokenizerInfo:
     vocab_sha256: str
     vocab_size: int
     special_ids: dict[str, int | None] = field(default_factory=dict)
+    sha256: str = ""  # the whole tokenizer (vocabulary, merges, normalizer, special tokens)
+    files: dict[str, int] = field(default_factory=dict)  # its save_pretrained files (name: bytes), kept in the cache
 
 
 @dataclass
@@ -124,16 +132,45 @@ class Manifest:
             kwargs = {name: _build(kind, raw[name]) for name, kind in sections.items()}
             top = {f.name for f in dataclasses.fields(cls)} - set(sections)
             kwargs.update({k: raw[k] for k in top if k in raw})
-            return cls(**kwargs)
-        except (KeyError, TypeError) as exc:
+            manifest = cls(**kwargs)
+            _check_types(manifest, "")
+            manifest._check_values()
+        except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{where} has a damaged kdpipe manifest ({exc}); re-extract it with --overwrite") from None
+        return manifest
+
+    def _check_values(self) -> None:
+        """What the readers rely on: sizes that fit together, layers that exist, a T=1 first."""
+        d, s, t, lay = self.data, self.signals, self.teacher, self.layout
+        checks = [
+            (d.seq_len > 0 and d.num_sequences >= 0, "data sizes"),
+            (lay.sequences_per_unit > 0 and lay.sequences_per_chunk > 0
+             and lay.sequences_per_unit % lay.sequences_per_chunk == 0, "layout sizes"),
+            (lay.num_units == math.ceil(d.num_sequences / lay.sequences_per_unit), "layout.num_units"),
+            (t.num_layers > 0 and t.hidden_size > 0 and t.num_heads > 0 and t.num_kv_heads > 0 and t.head_dim > 0
+             and t.vocab_size > 0, "teacher sizes"),
+            (0 <= s.top_k <= t.vocab_size and 0 <= s.sample_count, "signals.top_k / sample_count"),
+            (bool(s.temperatures) and s.temperatures[0] == 1.0 and all(x > 0 for x in s.temperatures),
+             "signals.temperatures"),
+            (all(0 <= x <= t.num_layers for x in s.hidden_layers), "signals.hidden_layers"),
+            (all(1 <= x <= t.num_layers for x in s.attention_layers + s.interchange_layers), "signals layers"),
+            (s.attention_form in (None, "probs", "factors") and s.hidden_dtype in ("float16", "bfloat16")
+             and s.attention_dtype in ("float16", "uint8"), "signals dtypes"),
+            (d.packing in ("packed", "padded"), "data.packing"),
+            (all(SAFE_NAME.match(n) and size > 0 for n, size in self.tokenizer.files.items()), "tokenizer.files"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise ValueError(f"{what} out of range")
 
     def identity(self) -> dict[str, Any]:
         """What must match for `--resume` to continue this store: everything that shapes its bytes."""
         return {
             "teacher.config_sha256": self.teacher.config_sha256,
+            "teacher.weights_sha256": self.teacher.weights_sha256,
             "teacher.dtype": self.teacher.dtype,
             "tokenizer.vocab_sha256": self.tokenizer.vocab_sha256,
+            "tokenizer.sha256": self.tokenizer.sha256,
             "data.fingerprint": self.data.fingerprint,
             "data.seq_len": self.data.seq_len,
             "data.packing": self.data.packing,
@@ -143,5 +180,39 @@ class Manifest:
 
 
 def _build(kind: type, raw: dict[str, Any]) -> Any:
+    if not isinstance(raw, dict):
+        raise TypeError(f"{kind.__name__} is not a table")
     known = {f.name for f in dataclasses.fields(kind)}
     return kind(**{k: v for k, v in raw.items() if k in known})
+
+
+def _check_types(obj: Any, where: str) -> None:
+    """Every field of a (nested) manifest dataclass holds what its annotation says: a manifest is input,
+    and a string where a layer list belongs must fail here, not deep inside a reader."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        name = f"{where}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            _check_types(value, name + ".")
+        elif not _matches(value, hint):
+            raise TypeError(f"{name} is {type(value).__name__} {str(value)[:40]!r}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    return isinstance(value, hint)

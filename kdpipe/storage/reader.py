@@ -10,28 +10,40 @@ import zarr
 
 from kdpipe.errors import UserError
 from kdpipe.storage.attention import attention_probs
+from kdpipe.storage.integrity import DamagedCache, open_array, read_rows, schema_problem
 from kdpipe.storage.manifest import Manifest
-from kdpipe.storage.schema import attention_name, hidden_name
-from kdpipe.storage.writer import LEDGER
+from kdpipe.storage.schema import LEDGER, array_specs, attention_name, hidden_name, ledger_spec, tokenizer_arrays
+from kdpipe.storage.writer import group_attrs
 
 Index = slice | np.ndarray | list[int]
 
 
 class TeacherCache:
-    """An opened teacher cache. Refuses an incomplete store unless `allow_partial`."""
+    """An opened teacher cache. Refuses an incomplete store unless `allow_partial`, and a store whose
+    arrays do not match its manifest; reads refuse missing or damaged chunks (storage.integrity)."""
 
-    def __init__(self, path: str | Path, allow_partial: bool = False):
+    def __init__(self, path: str | Path, allow_partial: bool = False, check: bool = True):
         self.path = str(path)
         if not Path(path).exists():
             raise UserError(f"no teacher cache at {path}: run `kdpipe extract --out {path}` first")
-        try:
-            self.group = zarr.open_group(self.path, mode="r")
-        except (FileNotFoundError, ValueError, KeyError):
-            raise UserError(f"{path} is not a kdpipe teacher cache (no zarr group)") from None
-        self.manifest = Manifest.from_dict(self.group.attrs.get("kdpipe"), where=self.path)
+        if not (Path(path) / "zarr.json").exists():
+            raise UserError(f"{path} is not a kdpipe teacher cache (no zarr.json)")
+        self.manifest = Manifest.from_dict(group_attrs(self.path).get("kdpipe"), where=self.path)
+        self.group = zarr.open_group(self.path, mode="r")
+        self._arrays: dict[str, zarr.Array] = {}
+        if check:
+            for spec in array_specs(self.manifest) + [ledger_spec(self.manifest)]:
+                problem = schema_problem(self.array(spec.name), spec)
+                if problem:
+                    raise DamagedCache(f"{path} does not match its manifest ({problem}): re-extract it with "
+                                       f"--overwrite")
+        done = self.units_done()
+        if self.manifest.complete and not done.all():
+            undone = np.flatnonzero(~done).tolist()
+            raise DamagedCache(f"{path} says it is complete but work units {undone[:5]} are not marked done (a "
+                               f"damaged ledger): run `kdpipe verify --repair {path}`, then `kdpipe extract --resume`")
         if not self.manifest.complete and not allow_partial:
-            done, total = self.progress()
-            raise UserError(f"{path} is incomplete ({done}/{total} work units done): finish it with "
+            raise UserError(f"{path} is incomplete ({int(done.sum())}/{len(done)} work units done): finish it with "
                             f"`kdpipe extract --resume`, or pass --allow-partial to use the done units")
 
     # -- shape of the data --------------------------------------------------------------------
@@ -44,8 +56,8 @@ class TeacherCache:
         return self.manifest.data.seq_len
 
     def units_done(self) -> np.ndarray:
-        """One flag per work unit, read from the ledger in one go."""
-        return np.asarray(self.group[LEDGER][:]).astype(bool)
+        """One flag per work unit, read from the ledger in one go (a missing flag chunk reads as not done)."""
+        return np.asarray(self.array(LEDGER)[:]).astype(bool)
 
     def progress(self) -> tuple[int, int]:
         done = self.units_done()
@@ -59,15 +71,12 @@ class TeacherCache:
         return ids[done[ids // per]]
 
     def array(self, name: str) -> zarr.Array:
-        if name not in self.group:
-            raise UserError(f"{self.path} has no array {name}")
-        return self.group[name]
+        if name not in self._arrays:
+            self._arrays[name] = open_array(self.group, name, self.path)
+        return self._arrays[name]
 
     def _read(self, name: str, index: Index) -> np.ndarray:
-        arr = self.array(name)
-        if isinstance(index, slice):
-            return np.asarray(arr[index])
-        return np.asarray(arr.get_orthogonal_selection((np.asarray(index),)))
+        return read_rows(self.array(name), name, index, self.path)
 
     # -- signals ------------------------------------------------------------------------------
     def input_ids(self, index: Index = slice(None)) -> np.ndarray:
@@ -87,6 +96,11 @@ class TeacherCache:
         ids = self._read("logits/topk_ids", index).astype(np.int64)
         logprobs = self._read("logits/topk_values", index).astype(np.float32)
         return ids, logprobs, self._read("logits/logsumexp", index)
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The teacher tokenizer's files (name: bytes) as extraction saved them; {} for caches that predate it."""
+        return {file_name: self._read(name, slice(None)).tobytes()
+                for name, file_name, _ in tokenizer_arrays(self.manifest)}
 
     def temperature_index(self, temperature: float) -> int:
         temps = self.manifest.signals.temperatures

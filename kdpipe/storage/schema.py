@@ -8,6 +8,12 @@ from dataclasses import dataclass
 from kdpipe.storage.manifest import Manifest
 
 
+LEDGER = "ledger/done"
+# the top-level entries a cache directory may hold (`--overwrite` replaces nothing else)
+CACHE_ENTRIES = {"zarr.json", "tokens", "logits", "sampled", "hidden", "attention", "interchange", "ledger",
+                 "classification", "tokenizer"}
+
+
 @dataclass(frozen=True)
 class ArraySpec:
     name: str
@@ -15,6 +21,7 @@ class ArraySpec:
     dtype: str  # the zarr dtype on disk
     preset: str
     logical_dtype: str | None = None  # what the stored bits mean when it differs, e.g. bfloat16 as uint16
+    per_sequence: bool = True  # rows are sequences, written by work unit; else one chunk, written at creation
 
 
 def id_dtype(vocab_size: int) -> str:
@@ -41,10 +48,10 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
         ArraySpec("logits/logsumexp", (n, t, len(s.temperatures)), "float32", "floats"),
     ]
     if s.sample_count:
-        m = min(s.sample_count, teacher.vocab_size)  # at most V distinct ids can be drawn
+        draws = min(s.sample_count, teacher.vocab_size)  # at most V distinct ids can be drawn
         specs += [
-            ArraySpec("sampled/ids", (n, t, m), ids, "ids"),
-            ArraySpec("sampled/counts", (n, t, m), "uint16", "ids"),
+            ArraySpec("sampled/ids", (n, t, draws), ids, "ids"),
+            ArraySpec("sampled/counts", (n, t, draws), "uint16", "ids"),
         ]
     for layer in s.hidden_layers:
         if s.hidden_dtype == "bfloat16":
@@ -58,6 +65,8 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
             # grouped-query teachers keep their K/V heads: repeating them on read is exact and saves space
             for part, heads in (("q", teacher.num_heads), ("k", teacher.num_kv_heads), ("v", teacher.num_kv_heads)):
                 specs.append(ArraySpec(attention_name(layer, part), (n, heads, t, teacher.head_dim), "float16", "floats"))
+    for name, file_name, size in tokenizer_arrays(m):
+        specs.append(ArraySpec(name, (size,), "uint8", "bytes", per_sequence=False))
     if s.interchange_layers:
         specs += [
             ArraySpec("interchange/source", (n,), "int32", "raw"),
@@ -67,6 +76,17 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
             ArraySpec("interchange/topk_values", (n, t, s.top_k), "float16", "floats"),
         ]
     return specs
+
+
+def tokenizer_arrays(m: Manifest) -> list[tuple[str, str, int]]:
+    """(array name, file name, bytes) of the tokenizer files the cache keeps, so that a student saved from
+    it carries its teacher's tokenizer without reading any path the cache names."""
+    return [(f"tokenizer/file_{i:03d}", name, size) for i, (name, size) in enumerate(sorted(m.tokenizer.files.items()))]
+
+
+def ledger_spec(m: Manifest) -> ArraySpec:
+    """One flag per work unit, set only after all of the unit's arrays are written."""
+    return ArraySpec(LEDGER, (m.layout.num_units,), "uint8", "raw", per_sequence=False)
 
 
 def unit_range(m: Manifest, unit: int) -> tuple[int, int]:

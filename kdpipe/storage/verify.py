@@ -1,4 +1,5 @@
-"""`kdpipe verify`: read every chunk (checksums), check shapes, dtypes, the ledger and the data fingerprint."""
+"""`kdpipe verify`: every array against the manifest (shape, dtype, codecs), every chunk a done unit must
+have present on disk and decoding (checksums), the ledger, and the data fingerprint."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import numpy as np
 import zarr
 
 from kdpipe.storage.fingerprint import data_fingerprint
+from kdpipe.storage.integrity import DamagedCache, missing_rows, objects, open_array, schema_problem
+from kdpipe.storage.lock import DirectoryLock
 from kdpipe.storage.manifest import Manifest
-from kdpipe.storage.schema import array_specs, unit_range
-from kdpipe.storage.writer import LEDGER
+from kdpipe.storage.schema import LEDGER, array_specs, ledger_spec, unit_range
+from kdpipe.storage.writer import group_attrs, writable
 
 
 @dataclass
@@ -20,6 +23,7 @@ class Report:
     units_done: int = 0
     units_total: int = 0
     chunks_read: int = 0
+    metadata_damaged: bool = False  # an array's metadata does not match: only re-extracting can fix it
 
     @property
     def ok(self) -> bool:
@@ -28,49 +32,72 @@ class Report:
 
 def verify(path: str, repair: bool = False) -> Report:
     """Check a cache; with `repair`, clear the ledger flags of damaged units so `--resume` redoes them."""
+    if repair:
+        with DirectoryLock(path, "teacher cache"):
+            return _verify(path, True)
+    return _verify(path, False)
+
+
+def _verify(path: str, repair: bool) -> Report:
+    manifest = Manifest.from_dict(group_attrs(path).get("kdpipe"), where=path)
     group = zarr.open_group(path, mode="r+" if repair else "r")
-    manifest = Manifest.from_dict(group.attrs.get("kdpipe"), where=path)
     report = Report()
-    ledger = np.asarray(group[LEDGER][:]).astype(bool)
+    try:
+        ledger_arr = open_array(group, LEDGER, path)
+        problem = schema_problem(ledger_arr, ledger_spec(manifest))
+        if problem:
+            raise DamagedCache(problem)
+        ledger = np.asarray(ledger_arr[:]).astype(bool)
+    except DamagedCache as exc:
+        report.problems.append(f"{LEDGER}: {exc}")
+        return report  # without the ledger nothing else can be judged
     report.units_total, report.units_done = len(ledger), int(ledger.sum())
-    if len(ledger) != manifest.layout.num_units:
-        report.problems.append(f"ledger has {len(ledger)} units, manifest says {manifest.layout.num_units}")
+    per = manifest.layout.sequences_per_unit
     if manifest.complete and not ledger.all():
-        report.problems.append("manifest says complete but the ledger has undone units")
+        undone = np.flatnonzero(~ledger).tolist()
+        report.problems.append(f"manifest says complete but work units {undone[:5]} are not marked done")
+        report.damaged_units.update(undone)
 
     for spec in array_specs(manifest):
-        if spec.name not in group:
-            report.problems.append(f"{spec.name}: missing")
+        try:
+            arr = open_array(group, spec.name, path)
+            problem = schema_problem(arr, spec)
+        except DamagedCache as exc:
+            problem = str(exc)
+        if problem:
+            report.problems.append(problem)
+            report.metadata_damaged = True
             continue
-        arr = group[spec.name]
-        if tuple(arr.shape) != spec.shape or str(arr.dtype) != spec.dtype:
-            report.problems.append(f"{spec.name}: shape {tuple(arr.shape)} {arr.dtype}, expected {spec.shape} {spec.dtype}")
-            continue
-        chunk = arr.chunks[0]
-        for start in range(0, spec.shape[0], chunk):
-            stop = min(start + chunk, spec.shape[0])
-            unit = start // manifest.layout.sequences_per_unit
-            if spec.name.startswith("tokens/") or ledger[unit]:
-                try:
-                    arr[start:stop]
-                    report.chunks_read += 1
-                except Exception as exc:  # noqa: BLE001 - any decode failure is damage to report
-                    report.problems.append(f"{spec.name}: chunk of sequences {start}..{stop - 1} is damaged "
-                                           f"({type(exc).__name__}: {exc})")
-                    report.damaged_units.add(unit)
+        # token ids and tokenizer files are written when the store is created; everything else by its unit
+        at_creation = spec.name.startswith("tokens/") or not spec.per_sequence
+        needed = [(a, b) for a, b, _ in objects(arr, 0, spec.shape[0]) if at_creation or ledger[a // per]]
+        missing = set(missing_rows(arr, 0, spec.shape[0]))
+        for start, stop in needed:
+            units = set(range(start // per, (stop - 1) // per + 1)) if spec.per_sequence else set(range(len(ledger)))
+            where = f"chunk of sequences {start}..{stop - 1}" if spec.per_sequence else "its chunk"
+            if (start, stop) in missing:
+                report.problems.append(f"{spec.name}: {where} is missing")
+                report.damaged_units.update(units)
+                continue
+            try:
+                arr[start:stop]
+                report.chunks_read += 1
+            except Exception as exc:  # noqa: BLE001 - any decode failure is damage to report
+                report.problems.append(f"{spec.name}: {where} is damaged ({type(exc).__name__}: {exc})")
+                report.damaged_units.update(units)
 
-    if not any(p.startswith("tokens/") for p in report.problems):
+    if not any(p.startswith(("tokens/", "tokenizer/")) for p in report.problems):
         ids, lengths = group["tokens/input_ids"], group["tokens/length"]
-        step = max(1, manifest.layout.sequences_per_unit)
-        blocks = (np.asarray(ids[s:s + step]) for s in range(0, manifest.data.num_sequences, step))
+        blocks = (np.asarray(ids[s:s + per]) for s in range(0, manifest.data.num_sequences, per))
         fp = data_fingerprint(blocks, np.asarray(lengths[:]), manifest.data.seq_len)
         if fp != manifest.data.fingerprint:
             report.problems.append(f"token ids do not match the manifest's data fingerprint ({fp[:12]} != "
                                    f"{manifest.data.fingerprint[:12]})")
 
-    if repair and report.damaged_units:
+    if repair and report.damaged_units and not report.metadata_damaged:
+        flags = writable(group, LEDGER)
         for unit in sorted(report.damaged_units):
-            group[LEDGER][unit] = 0
+            flags[unit] = 0
         raw = dict(group.attrs["kdpipe"])
         raw["complete"] = False
         group.attrs["kdpipe"] = raw

@@ -8,6 +8,7 @@ all of its arrays are on disk. The manifest says `complete` only once every flag
 from __future__ import annotations
 
 import errno
+import json
 import os
 import queue
 import shutil
@@ -20,10 +21,10 @@ import zarr
 
 from kdpipe.errors import UserError
 from kdpipe.storage.codecs import compressors
+from kdpipe.storage.lock import LOCK_NAME
 from kdpipe.storage.manifest import Manifest
-from kdpipe.storage.schema import array_specs
+from kdpipe.storage.schema import CACHE_ENTRIES, LEDGER, array_specs, ledger_spec, tokenizer_arrays
 
-LEDGER = "ledger/done"
 # fault injection for the crash-safety tests: "UNIT:mid" (some arrays written, flag not set) or "UNIT:after"
 CRASH_ENV = "KDPIPE_TEST_CRASH"
 _DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -35,50 +36,127 @@ def disk_error(exc: OSError, path: str) -> UserError | None:
     what = _DISK_ERRORS.get(exc.errno)
     if what is None:
         return None
-    return UserError(f"{what} while writing {path}: free space or fix permissions, then rerun with --resume "
-                     f"(completed work units stay valid)")
+    return UserError(f"{what} while writing {path}: free space or fix permissions, then rerun the same command "
+                     f"with --resume (what was completed is kept)")
 
 
 def read_manifest(path: str | Path) -> Manifest | None:
-    """The manifest of an existing store, None if there is none, UserError if `path` is something else."""
+    """The manifest of an existing store, None if there is none, UserError if `path` is something else
+    or a store whose metadata is damaged."""
     path = Path(path)
     if not path.exists():
         return None
     if not path.is_dir():
         raise UserError(f"{path} exists and is a file, not a kdpipe cache: choose another --out")
     if not (path / "zarr.json").exists():
-        if any(path.iterdir()):
+        if any(p.name != LOCK_NAME for p in path.iterdir()):
             raise UserError(f"{path} exists and is not a kdpipe cache: choose another --out (kdpipe will not delete it)")
         return None
-    group = zarr.open_group(str(path), mode="r")
-    return Manifest.from_dict(group.attrs.get("kdpipe"), where=str(path))
+    return Manifest.from_dict(group_attrs(path).get("kdpipe"), where=str(path))
+
+
+def group_attrs(path: str | Path) -> dict:
+    """The attributes of the store's root group; a damaged zarr.json is one clear error."""
+    try:
+        return dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception as exc:  # noqa: BLE001 - zarr raises many types for damaged metadata
+        raise UserError(f"{path} has damaged zarr metadata ({type(exc).__name__}): replace it with "
+                        f"`kdpipe extract --overwrite`") from None
+
+
+def check_out(path: str | Path, resume: bool, overwrite: bool) -> None:
+    """Before any model loads: the output path can hold a cache, and an existing one is resumed or replaced
+    only when asked (a damaged one can only be replaced)."""
+    path = Path(path)
+    if overwrite:
+        clear_store(path, dry_run=True)
+        return
+    existing = read_manifest(path)
+    if existing is not None and not resume:
+        state = "a complete" if existing.complete else "an incomplete"
+        raise UserError(f"{path} already holds {state} kdpipe cache: pass --resume to continue it or "
+                        f"--overwrite to replace it")
+
+
+def clear_store(path: Path, dry_run: bool = False) -> None:
+    """Empty a store for --overwrite: only one that is recognisably a kdpipe cache (or a directory holding
+    a damaged zarr.json and cache arrays), never a user's other data. The lock file stays."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UserError(f"{path} exists and is a file, not a kdpipe cache: choose another --out")
+    entries = [p for p in path.iterdir() if p.name != LOCK_NAME]
+    if not entries:
+        return
+    names = {p.name for p in entries}
+    ours = "zarr.json" in names and names <= CACHE_ENTRIES
+    if ours:
+        try:
+            meta = json.loads((path / "zarr.json").read_text())
+            # a readable zarr group without a kdpipe manifest is someone else's store
+            ours = not (isinstance(meta, dict) and meta.get("node_type") == "group"
+                        and "kdpipe" not in (meta.get("attributes") or {}))
+        except (ValueError, UnicodeDecodeError):
+            pass  # damaged metadata beside cache arrays: a broken kdpipe cache
+    if not ours:
+        raise UserError(f"{path} exists and is not a kdpipe cache: choose another --out (kdpipe will not delete it)")
+    if dry_run:
+        return
+    for entry in entries:
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+_IDENTITY_NAMES = {"teacher.weights_sha256": "the teacher's weights", "teacher.config_sha256": "the teacher's config",
+                   "tokenizer.sha256": "the tokenizer", "tokenizer.vocab_sha256": "the tokenizer's vocabulary",
+                   "data.fingerprint": "the token ids (--data, --seq-len, --packing or the tokenizer)"}
+
+
+def identity_difference(existing: Manifest, wanted: Manifest) -> list[str]:
+    """What differs between a store and the run that would resume it, in words."""
+    a, b = existing.identity(), wanted.identity()
+    out = []
+    for key in a:
+        if a[key] == b[key]:
+            continue
+        if isinstance(a[key], dict):
+            fields = [f"{key}.{k}: {a[key].get(k)!r} vs {b[key].get(k)!r}" for k in a[key] if a[key].get(k) != b[key].get(k)]
+            out += fields
+        elif not a[key]:
+            out.append(f"{_IDENTITY_NAMES.get(key, key)} (not recorded by the kdpipe that wrote the store)")
+        else:
+            out.append(f"{_IDENTITY_NAMES.get(key, key)} ({key} {str(a[key])[:12]} vs {str(b[key])[:12]})")
+    return out
 
 
 def prepare_store(path: str | Path, manifest: Manifest, tokens: np.ndarray, lengths: np.ndarray,
-                  resume: bool = False, overwrite: bool = False) -> zarr.Group:
-    """Create the store (or reopen it for `--resume`), with every array and the token ids written."""
+                  resume: bool = False, overwrite: bool = False,
+                  tokenizer_files: dict[str, bytes] | None = None) -> zarr.Group:
+    """Create the store (or reopen it for `--resume`), with every array created and the token ids and
+    tokenizer files written. The caller holds the store's lock."""
     path = Path(path)
-    existing = read_manifest(path)
+    existing = None
+    if overwrite:
+        clear_store(path)
+    else:
+        check_out(path, resume, overwrite)
+        existing = read_manifest(path)
     if existing is not None:
-        if overwrite:
-            shutil.rmtree(path)
-        elif not resume:
-            state = "a complete" if existing.complete else "an incomplete"
-            raise UserError(f"{path} already holds {state} kdpipe cache: pass --resume to continue it or "
-                            f"--overwrite to replace it")
-        else:
-            diff = [k for k, v in manifest.identity().items() if existing.identity()[k] != v]
-            if diff:
-                raise UserError(f"{path} was extracted with a different configuration ({', '.join(diff)} differ): "
-                                f"use the same settings to --resume, or --overwrite to start again")
-            manifest = existing
+        diff = identity_difference(existing, manifest)
+        if diff:
+            raise UserError(f"{path} was extracted with a different configuration ({'; '.join(diff)}): "
+                            f"use the same teacher and settings to --resume, or --overwrite to start again")
+        manifest = existing
     try:
         group = zarr.open_group(str(path), mode="a")
-        if existing is None or overwrite:
+        if existing is None:
             group.attrs["kdpipe"] = manifest.to_dict()
         _create_arrays(group, manifest)
-        group["tokens/input_ids"][:] = tokens
-        group["tokens/length"][:] = lengths
+        writable(group, "tokens/input_ids")[:] = tokens
+        writable(group, "tokens/length")[:] = lengths
+        if existing is None:  # a resumed store keeps the files it was made with (the tokenizer's hash matched)
+            for name, file_name, _ in tokenizer_arrays(manifest):
+                writable(group, name)[:] = np.frombuffer((tokenizer_files or {})[file_name], dtype=np.uint8)
     except OSError as exc:
         raise disk_error(exc, str(path)) or exc
     return group
@@ -89,22 +167,29 @@ def open_store(path: str | Path) -> zarr.Group:
     return zarr.open_group(str(path), mode="r+")
 
 
+def writable(group: zarr.Group, name: str) -> zarr.Array:
+    """An array opened to write every chunk, even one equal to the fill value: a chunk a done unit must
+    have is then always on disk, so a missing chunk file is damage, never data (zarr would read it as zeros)."""
+    return group[name].with_config({"write_empty_chunks": True})
+
+
 def _create_arrays(group: zarr.Group, m: Manifest) -> None:
     chunk, shard = m.layout.sequences_per_chunk, m.layout.sequences_per_unit
     for spec in array_specs(m):
         if spec.name in group:
             continue
-        inner = (chunk,) + spec.shape[1:]
+        inner = (chunk,) + spec.shape[1:] if spec.per_sequence else spec.shape
         outer = (shard,) + spec.shape[1:]
         group.create_array(
             spec.name, shape=spec.shape, dtype=spec.dtype, fill_value=0,
-            chunks=inner, shards=outer if shard != chunk else None,
+            chunks=inner, shards=outer if shard != chunk and spec.per_sequence else None,
             compressors=compressors(spec.preset),
             attributes={"logical_dtype": spec.logical_dtype} if spec.logical_dtype else None,
         )
     if LEDGER not in group:
-        group.create_array(LEDGER, shape=(m.layout.num_units,), chunks=(1,), dtype="uint8", fill_value=0,
-                           compressors=compressors("raw"))
+        spec = ledger_spec(m)
+        group.create_array(LEDGER, shape=spec.shape, chunks=(1,), dtype=spec.dtype, fill_value=0,
+                           compressors=compressors(spec.preset))
 
 
 def units_done(group: zarr.Group) -> np.ndarray:
@@ -154,10 +239,10 @@ class UnitWriter:
             unit, start, arrays = item
             try:
                 for i, (name, data) in enumerate(arrays.items()):
-                    self.group[name][start:start + len(data)] = data
+                    writable(self.group, name)[start:start + len(data)] = data
                     if i == 0:
                         _crash_point(unit, "mid")
-                self.group[LEDGER][unit] = 1  # last: the unit counts only once all its arrays are written
+                writable(self.group, LEDGER)[unit] = 1  # last: the unit counts only once all its arrays are written
                 _crash_point(unit, "after")
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 self._error = exc
