@@ -3,7 +3,9 @@ exactly; time is an estimate, reported as the ratio measured / planned.
 
     python bench/plan_check.py [--sequences 32] [--seq-len 256]
 
-The plan is given this machine's measured matmul throughput as its "GPU" FLOP/s and no offload.
+The plan is told this machine as its "GPU", measured here: sustained FLOP/s of a matmul of the teacher's
+MLP shape (what --gpu-tflops means) and the memory bandwidth of a large copy (--memory-bandwidth);
+no offload, one device.
 """
 
 from __future__ import annotations
@@ -17,19 +19,29 @@ import torch
 
 from kdpipe.modelio import load_teacher, resolve_teacher
 from kdpipe.pipeline.demo import DEMO_CORPUS, smollm2_gguf
-from kdpipe.pipeline.plan import make_plan
+from kdpipe.pipeline.plan import PlanConfig, make_plan
 from kdpipe.pipeline.report import cache_summary
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
 from kdpipe.stage1_extract.teacher import load_tokenizer
 
 
-def matmul_flops(n: int = 1024, repeats: int = 20) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops(rows: int, inner: int, cols: int, repeats: int = 20) -> float:
+    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
     a @ b
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+    return 2 * rows * inner * cols * repeats / (time.perf_counter() - start)
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Bytes read plus written per second by a large copy."""
+    x = torch.randn(nbytes // 4)
+    x.clone()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        x.clone()
+    return 2 * nbytes * repeats / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -48,25 +60,30 @@ def main() -> None:
     result = extract(ExtractConfig(teacher=path, data=[str(DEMO_CORPUS)], out=str(out), seq_len=args.seq_len,
                                    batch_size=args.batch_size, max_sequences=args.sequences, quiet=True, **signals),
                      model, tokenizer)
-    flops = matmul_flops()
+    cfg = model.config
+    flops = matmul_flops(args.batch_size * args.seq_len, cfg.hidden_size, cfg.intermediate_size)
+    memory = copy_bandwidth()
     tokens = args.sequences * args.seq_len
-    plan = make_plan("smollm2-135m", tokens, args.seq_len, args.batch_size, signals["top_k"], 2,
-                     signals["sample_count"], signals["hidden_layers"], signals["attention_layers"], "factors",
-                     gpus=1, gpu_memory=24e9, dtype="float32", offload="none", bandwidth=1e10, gpu_flops=flops,
-                     logit_rows=512).data
+    plan = make_plan(PlanConfig("smollm2-135m", tokens, args.seq_len, args.batch_size, signals["top_k"], 2,
+                                signals["sample_count"], signals["hidden_layers"], signals["attention_layers"],
+                                "factors", gpu_memory=24e9, dtype="float32", gpu_flops=flops,
+                                memory_bandwidth=memory)).data
 
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     raw: dict[str, int] = {}
     for a in cache_summary(str(out))["arrays"]:
         group = a["name"].split("/")[0]
         raw[group] = raw.get(group, 0) + a["raw_bytes"]
-    print(f"SmolLM2-135M, {args.sequences} x {args.seq_len} tokens, this CPU at {flops / 1e9:.0f} GFLOP/s (fp32 matmul)")
+    print(f"SmolLM2-135M, {args.sequences} x {args.seq_len} tokens, this CPU at {flops / 1e9:.0f} GFLOP/s (fp32 "
+          f"matmul of the MLP's shape) and {memory / 1e9:.1f} GB/s (copy)")
     print(f"{'quantity':28} {'planned':>16} {'measured':>16} {'measured/planned':>17}")
     rows = [("parameters", plan["params"], params), ("parameter bytes (fp32)", plan["param_bytes"], params * 4)]
     rows += [(f"cache bytes: {k}", plan["cache_bytes"][k], raw[k]) for k in plan["cache_bytes"]]
     rows += [("extraction seconds [estimate]", plan["total_seconds"], result.seconds)]
+    terms = ", ".join(f"{k} {v:.2f}s" for k, v in plan["seconds_by_term"].items())
     for name, planned, measured in rows:
         print(f"{name:28} {planned:16,.1f} {measured:16,.1f} {measured / planned:17.3f}")
+    print(f"planned per batch: {terms}")
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ def read_all(cache: TeacherCache, batch: int, seed: int, checked: bool = True) -
             if checked:  # the product's reader: chunk presence checked, damage named
                 arrays = list(cache.topk_logprobs(index)) + [cache.hidden(layer, index)
                                                              for layer in cache.manifest.signals.hidden_layers]
-            else:  # bare zarr, what the reader did before it checked
-                arrays = [np.asarray(cache.array(name)[index]) for name in names]
+            else:  # bare zarr reads with the reader's same conversions: what it did before it checked
+                ids, values, lse, *hidden = [np.asarray(cache.array(name)[index]) for name in names]
+                arrays = [ids.astype(np.int64), values.astype(np.float32), lse] + [h.astype(np.float32) for h in hidden]
             nbytes += sum(a.nbytes for a in arrays)
     return time.perf_counter() - start, nbytes
 

@@ -8,6 +8,7 @@ import sys
 import click
 
 from kdpipe import __version__
+from kdpipe.console import metrics_change, plural
 from kdpipe.errors import UserError
 from kdpipe.pipeline.config import config_option
 
@@ -33,9 +34,11 @@ class _Group(click.Group):
     """Turns the mistakes a user can fix into one line on stderr and exit code 2, never a traceback."""
 
     def invoke(self, ctx: click.Context):
+        from kdpipe.console import prepare_environment
         from kdpipe.distributed import leave_process_group
         from kdpipe.storage.writer import disk_error
 
+        prepare_environment()
         try:
             result = super().invoke(ctx)
             leave_process_group()
@@ -69,6 +72,8 @@ def cli() -> None:
 @click.option("--seq-len", type=int, default=256, help="Tokens per sequence.")
 @click.option("--packing", type=click.Choice(["packed", "padded"]), default="packed",
               help="packed: documents joined with EOS into full blocks; padded: one document per row, lengths stored.")
+@click.option("--keep-tail", is_flag=True,
+              help="packed: keep the corpus tail that does not fill a last block, padded (its length stored).")
 @click.option("--batch-size", type=int, default=8, help="Sequences per teacher forward.")
 @click.option("--top-k", type=int, default=64, help="Logits kept per position.")
 @click.option("--temperatures", default="1,2", help="Temperatures whose full-vocabulary logsumexp is stored (1 always is).")
@@ -115,32 +120,15 @@ def cli() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(**opts) -> None:
     """Run the teacher over a corpus and write its signals into a teacher cache."""
-    from kdpipe.stage1_extract.extractor import ExtractConfig, extract as run_extract
+    from kdpipe.pipeline.commands import run_extract
 
-    opts["data"] = list(opts["data"])
-    opts["temperatures"] = _floats(opts["temperatures"])
-    for_methods, student_layers = opts.pop("for_methods"), opts.pop("student_layers")
-    if for_methods:
-        from kdpipe.pipeline.for_methods import signals_for_methods
-
-        if student_layers is None:
-            raise UserError("--for-methods needs --student-layers N (the layer mapping depends on it)")
-        chosen = signals_for_methods([m for m in for_methods.split(",") if m], opts["teacher"], student_layers,
-                                     opts["trust_remote_code"])
-        chosen["temperatures"] = sorted(set(chosen["temperatures"]) | set(opts["temperatures"]))
-        chosen["sample_count"] = max(chosen["sample_count"], opts["sample_count"])
-        if chosen["interchange_layers"] == "none":  # keep an explicit --interchange
-            chosen.pop("interchange_layers")
-        opts.update(chosen)
-        click.echo(f"for {for_methods} with {student_layers}-layer students: hidden layers {chosen['hidden_layers']}, "
-                   f"attention {chosen['attention_form']} of {chosen['attention_layers']}, temperatures "
-                   f"{','.join(f'{t:g}' for t in chosen['temperatures'])}"
-                   + (f", interchange at {chosen['interchange_layers']}" if "interchange_layers" in chosen else ""),
-                   err=True)
-    result = run_extract(ExtractConfig(**opts))
+    result = run_extract({k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()})
     state = "complete" if result.complete else "INCOMPLETE (rerun with --resume)"
-    click.echo(f"wrote {result.sequences_written} sequences ({result.tokens_written} tokens) to {result.path} in "
-               f"{result.seconds:.1f}s, {result.tokens_per_second:.0f} tokens/s; cache {state}")
+    dropped = result.manifest.data.dropped_tokens
+    tail = (f"; the corpus tail of {dropped} tokens that does not fill a block was left out (--keep-tail keeps it, "
+            f"padded)" if dropped else "")
+    click.echo(f"wrote {plural(result.sequences_written, 'sequence')} ({result.tokens_written} tokens) to {result.path} in "
+               f"{result.seconds:.1f}s, {result.tokens_per_second:.0f} tokens/s; cache {state}{tail}")
 
 
 @cli.command()
@@ -178,18 +166,15 @@ def extract(**opts) -> None:
 @click.option("--quiet", is_flag=True)
 def distill(**opts) -> None:
     """Train a student from teacher cache(s) alone: the teacher is never loaded."""
-    from kdpipe.stage2_distill.trainer import DistillConfig, distill as run_distill
+    from kdpipe.pipeline.commands import run_distill
 
-    opts["cache"], opts["method"] = list(opts["cache"]), list(opts["method"])
-    result = run_distill(DistillConfig(**opts))
-    f, i = result.final, result.initial
+    result = run_distill({k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()})
     if result.already_finished:
-        summary = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in f.items())
+        summary = metrics_change({}, result.final)
         click.echo(f"{result.out} already finished {result.steps} steps (held-out {summary or 'not evaluated'}): "
                    f"nothing to do; pass a larger --steps to continue it, or --overwrite to start again")
         return
-    summary = ", ".join(f"{k.split('/')[1]} {i[k]:.4g} -> {v:.4g}" if k in i else f"{k.split('/')[1]} {v:.4g}"
-                        for k, v in f.items())
+    summary = metrics_change(result.initial, result.final)
     click.echo(f"trained {result.steps} steps in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tokens/s); "
                f"held-out {summary or 'not evaluated (--eval-sequences 0)'}; student saved to {result.out}/student")
 
@@ -205,9 +190,10 @@ def distill(**opts) -> None:
 def evaluate_command(student: str, cache: str, run_dir: str | None, max_sequences: int | None, batch_size: int,
                      device: str, as_json: bool) -> None:
     """Held-out CE/perplexity, KL to the teacher and top-1 agreement of any HF causal LM against a cache."""
-    from kdpipe.stage2_distill.evaluate import evaluate_model
+    from kdpipe.pipeline.commands import run_eval
 
-    metrics = evaluate_model(student, cache, run_dir, max_sequences, batch_size, device)
+    metrics = run_eval(dict(student=student, cache=cache, run_dir=run_dir, max_sequences=max_sequences,
+                            batch_size=batch_size, device=device))
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
         return
@@ -244,9 +230,9 @@ def run_command(recipe: str, variables: tuple[str, ...], only: str | None, force
 @click.option("--json", "as_json", is_flag=True)
 def methods(as_json: bool) -> None:
     """The 25 GKD methods: paper, the teacher signals each needs, and whether it runs from the cache."""
-    from kdpipe.stage2_distill.methods import catalog
+    from kdpipe.stage2_distill.methods import METHODS, catalog
 
-    rows = catalog.table()
+    rows = catalog.table(METHODS)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -274,21 +260,25 @@ def methods(as_json: bool) -> None:
 @click.option("--gpus", type=int, default=1)
 @click.option("--gpu-memory", default="80GB", help="Memory per GPU.")
 @click.option("--gpu-tflops", type=float, default=300.0, help="Sustained dense TFLOP/s per GPU in --dtype.")
+@click.option("--memory-bandwidth", default="2TB/s",
+              help="Sustained GPU memory bandwidth, for element-wise work (the logsumexp over the vocabulary, norms).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16")
 @click.option("--offload", type=click.Choice(["none", "cpu", "nvme"]), default="none")
 @click.option("--bandwidth", default="25GB/s", help="Parameter streaming bandwidth per GPU (PCIe / NVMe read).")
+@click.option("--interconnect", default="150GB/s",
+              help="All-gather bandwidth per GPU between GPUs (ZeRO-3): NVLink within a node; ~25GB/s over InfiniBand.")
 @click.option("--logit-rows", type=int, default=512)
 @click.option("--json", "as_json", is_flag=True)
 def plan(**opts) -> None:
     """Memory, disk and time for an extraction, before it runs (exact where it can be; estimates marked)."""
-    from kdpipe.pipeline.plan import make_plan, parse_size
+    from kdpipe.pipeline.plan import PlanConfig, make_plan, parse_size
 
     as_json = opts.pop("as_json")
-    result = make_plan(
-        opts["teacher"], float(opts["tokens"]), opts["seq_len"], opts["batch_size"], opts["top_k"],
-        len(_floats(opts["temperatures"])), opts["sample_count"], opts["hidden_layers"], opts["attention_layers"],
-        opts["attention_form"], opts["gpus"], parse_size(opts["gpu_memory"]), opts["dtype"], opts["offload"],
-        parse_size(opts["bandwidth"]), opts["gpu_tflops"] * 1e12, opts["logit_rows"])
+    for size in ("gpu_memory", "bandwidth", "interconnect", "memory_bandwidth", "tokens"):
+        opts[size] = parse_size(opts[size], "B" if size != "tokens" else "")
+    opts["temperatures"] = len(_floats(opts["temperatures"]))
+    opts["gpu_flops"] = opts.pop("gpu_tflops") * 1e12
+    result = make_plan(PlanConfig(**opts))
     click.echo(json.dumps(result.data, indent=2) if as_json else result.format())
 
 

@@ -64,15 +64,40 @@ def resolve_teacher(path: str, what: str = "teacher") -> TeacherSource:
     return TeacherSource(p)
 
 
+def check_device(device: str, allow_auto: bool = False) -> None:
+    """cpu, cuda or cuda:N (and `auto` where device_map placement is offered), and CUDA only where there is one."""
+    if allow_auto and device == "auto":
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N" + (" or auto" * allow_auto))
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
+
+
+def load_config(source: TeacherSource, trust_remote_code: bool = False):
+    """The model's config (no weights): read before anything heavy loads, to check settings against it."""
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(source.directory, trust_remote_code=trust_remote_code,
+                                                       **source.load_kwargs())
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign config surfaces as many types
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise UserError(f"cannot read the config of {source.name} ({type(exc).__name__}: {first})") from None
+
+
 def load_teacher(source: TeacherSource, dtype: str = "float32", device: str = "cpu",
                  trust_remote_code: bool = False) -> nn.Module:
     """The model class named in its config (causal LM, masked LM...), in eval mode, weights safetensors-first."""
     import transformers
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
-    if device not in ("cpu", "auto") and not device.startswith("cuda"):
-        raise UserError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or auto")
+    check_device(device, allow_auto=True)
     kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **source.load_kwargs())
     try:
         config = transformers.AutoConfig.from_pretrained(source.directory, **kwargs)

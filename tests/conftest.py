@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -6,6 +7,30 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# one compiled-op cache for this process and every kdpipe process a test starts
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "kdpipe-torch-extensions"))
+
+# DeepSpeed compiles its CPU ops on first use: about 2.5 minutes on 2 cores, most of it the async I/O op
+# that NVMe offload needs. A fresh machine builds them in the background while the first tests run; a
+# test that needs an op before it is ready waits on torch's build lock instead of building it twice.
+PREBUILD = ("from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as A; A().load(); "
+            "from deepspeed.ops.op_builder.cpu.pin_memory import PinMemoryBuilder as B; B().load(); "
+            "from deepspeed.ops.op_builder.cpu.async_io import AsyncIOBuilder as C; C().is_compatible() and C().load()")
+_prebuild: subprocess.Popen | None = None
+
+
+def pytest_sessionstart(session) -> None:
+    global _prebuild
+    built = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "async_io" / "async_io.so"
+    if os.environ["DS_ACCELERATOR"] == "cpu" and not built.exists():
+        _prebuild = subprocess.Popen([sys.executable, "-c", PREBUILD], env=dict(os.environ, MAX_JOBS="1"),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def pytest_sessionfinish(session) -> None:
+    if _prebuild is not None:
+        _prebuild.wait()  # a build killed half-way would leave torch's lock file, and the next build waiting on it
 
 from tiny import save_teacher, write_corpus  # noqa: E402
 

@@ -3,9 +3,10 @@
 import json
 
 import numpy as np
+import pytest
 import transformers
 
-from kdpipe.pipeline.plan import make_plan, parse_size
+from kdpipe.pipeline.plan import PlanConfig, make_plan, parse_size
 from kdpipe.pipeline.report import cache_summary
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
 from test_cli import assert_user_error, kdpipe
@@ -17,8 +18,8 @@ def test_plan_bytes_equal_a_real_model_and_cache(teachers, corpus, tmp_path):
                           temperatures=[1.0, 2.0], quiet=True, **signals))
     arrays = cache_summary(str(tmp_path / "c"))["arrays"]
     n = json.loads(kdpipe("inspect", tmp_path / "c", "--json").stdout)["manifest"]["data"]["num_sequences"]
-    plan = make_plan(str(teachers["llama"]), n * 32, 32, 4, 8, 2, 4, "0,2", "all", "factors", 1, 80e9, "float32",
-                     "none", 25e9, 3e14, 512).data
+    plan = make_plan(PlanConfig(str(teachers["llama"]), n * 32, 32, 4, 8, 2, 4, "0,2", "all", "factors",
+                                dtype="float32")).data
     model = transformers.AutoModelForCausalLM.from_pretrained(teachers["llama"])
     assert plan["params"] == sum(p.numel() for p in model.parameters())
     assert plan["param_bytes"] == 4 * plan["params"]
@@ -44,5 +45,12 @@ def test_plan_for_a_100b_teacher_says_whether_it_fits_and_why():
     eight = json.loads(kdpipe("plan", "--teacher", "llama-100b", "--offload", "nvme", "--json").stdout)
     assert eight["bound"] == "compute"
     assert 95e9 < data["params"] < 105e9
+    # ZeRO-3 over 8 GPUs gathers 7/8 of the parameters per forward: that time is there, and it bounds a small batch
+    gather = json.loads(kdpipe("plan", "--teacher", "llama-100b", "--gpus", "8", "--batch-size", "1",
+                               "--interconnect", "25GB/s", "--json").stdout)
+    assert gather["seconds_by_term"]["all-gather between GPUs"] == pytest.approx(data["param_bytes"] * 7 / 8 / 25e9)
+    assert gather["bound"] == "all-gather between GPUs"
+    alone = json.loads(kdpipe("plan", "--teacher", "llama-100b", "--gpus", "1", "--json").stdout)
+    assert alone["seconds_by_term"]["all-gather between GPUs"] == 0
     assert_user_error(kdpipe("plan", "--teacher", "gpt-5"), "not a config.json")
     assert parse_size("40GB") == 40e9 and parse_size("25GB/s") == 25e9 and parse_size("2GiB") == 2 * 2**30

@@ -22,7 +22,6 @@ SIGNALS = ["--seq-len", "32", "--top-k", "8", "--temperatures", "1,2", "--sample
 
 def env(**extra: str) -> dict:
     out = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    out.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "kdpipe-torch-extensions"))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         out.pop(key, None)
     return out | extra

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from kdpipe.errors import UserError
-from kdpipe.modelio import resolve_teacher
+from kdpipe.modelio import load_config, resolve_teacher
 from kdpipe.stage2_distill.methods.base import Context, build_methods
 from kdpipe.storage.manifest import TeacherInfo
 
@@ -14,13 +14,10 @@ from kdpipe.storage.manifest import TeacherInfo
 def signals_for_methods(specs: list[str], teacher: str, student_layers: int,
                         trust_remote_code: bool = False) -> dict[str, Any]:
     """Extract settings (hidden layers, attention layers and form, temperatures, sample count)."""
-    import transformers
-
     if student_layers < 1:
         raise UserError("--student-layers must be at least 1 with --for-methods")
     source = resolve_teacher(teacher)
-    config = transformers.AutoConfig.from_pretrained(source.directory, trust_remote_code=trust_remote_code,
-                                                     **source.load_kwargs())
+    config = load_config(source, trust_remote_code)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
     info = TeacherInfo(name=teacher, architecture="", num_layers=text.num_hidden_layers, hidden_size=text.hidden_size,

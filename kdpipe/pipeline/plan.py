@@ -16,6 +16,7 @@ from typing import Any
 
 from kdpipe.capture import find_blocks, parse_layers
 from kdpipe.errors import UserError
+from kdpipe.modelio import load_config, resolve_teacher
 
 # Llama-shaped presets (vocabulary 32000): the sizes users ask about
 PRESETS: dict[str, dict[str, Any]] = {
@@ -34,16 +35,19 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def parse_size(text: str, unit: str = "B") -> float:
-    """'40GB' -> 40e9, '25GB/s' -> 25e9, '1.5TB' -> 1.5e12; plain numbers pass through."""
+    """'40GB' -> 40e9, '25GB/s' -> 25e9, '1.5TB' -> 1.5e12, '8KB' -> 8e3; plain numbers pass through."""
     t = str(text).strip().upper().removesuffix("/S").removesuffix(unit.upper())
     scale = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
     for suffix in sorted(scale, key=len, reverse=True):
         if t.endswith(suffix):
-            return float(t[: -len(suffix)]) * scale[suffix]
+            return parse_size(t[: -len(suffix)]) * scale[suffix]
     try:
-        return float(t)
+        value = float(t)
     except ValueError:
         raise UserError(f"cannot read the size {text!r}: use e.g. 40GB or 25GB/s") from None
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"the size {text!r} must be a positive number")
+    return value
 
 
 def teacher_config(spec: str):
@@ -53,12 +57,55 @@ def teacher_config(spec: str):
         return transformers.LlamaConfig(**{"vocab_size": 32000, "max_position_embeddings": 4096,
                                            **PRESETS[spec.lower()]})
     path = Path(spec)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise UserError(f"--teacher {spec}: not a config.json, a model directory, or one of {', '.join(PRESETS)}")
-    raw = json.loads(path.read_text())
-    return transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
+    if path.is_file() and path.suffix == ".json":
+        try:
+            raw = json.loads(path.read_text())
+            return transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"--teacher {spec} is not a usable config.json ({type(exc).__name__}: {exc})") from None
+    if path.is_dir() or path.suffix == ".gguf" or spec == "smollm2":
+        return load_config(resolve_teacher(spec))
+    raise UserError(f"--teacher {spec}: not a config.json, a model directory or .gguf, or one of {', '.join(PRESETS)}")
+
+
+@dataclass
+class PlanConfig:
+    """What `kdpipe plan` is asked: a teacher, a corpus, the signals, and the machines (flag names)."""
+    teacher: str
+    tokens: float = 1e9
+    seq_len: int = 2048
+    batch_size: int = 8  # sequences per forward, per GPU
+    top_k: int = 64
+    temperatures: int = 2  # how many are stored
+    sample_count: int = 0
+    hidden_layers: str = "none"
+    attention_layers: str = "none"
+    attention_form: str = "factors"
+    gpus: int = 1
+    gpu_memory: float = 80e9
+    dtype: str = "bfloat16"
+    offload: str = "none"
+    bandwidth: float = 25e9  # parameter streaming from CPU RAM / NVMe, per GPU
+    interconnect: float = 150e9  # all-gather bandwidth between GPUs, per GPU (NVLink)
+    memory_bandwidth: float = 2e12  # the GPU's own memory, for element-wise work
+    gpu_flops: float = 300e12  # sustained dense FLOP/s in dtype
+    logit_rows: int = 512
+
+    def check(self) -> None:
+        checks = [(self.tokens >= 1, "--tokens must be at least 1"), (self.seq_len > 0, "--seq-len must be positive"),
+                  (self.batch_size > 0, "--batch-size must be positive"), (self.top_k >= 0, "--top-k must be 0 or more"),
+                  (self.temperatures >= 1, "--temperatures needs at least one"),
+                  (self.sample_count >= 0, "--sample-count must be 0 or more"),
+                  (self.gpus >= 1, "--gpus must be at least 1"), (self.gpu_memory > 0, "--gpu-memory must be positive"),
+                  (min(self.bandwidth, self.interconnect, self.memory_bandwidth, self.gpu_flops) > 0,
+                   "bandwidths and --gpu-tflops must be positive"),
+                  (self.logit_rows > 0, "--logit-rows must be positive"),
+                  (self.dtype in DTYPE_BYTES, f"--dtype must be one of {', '.join(DTYPE_BYTES)}"),
+                  (self.offload in ("none", "cpu", "nvme"), "--offload must be none, cpu or nvme"),
+                  (self.attention_form in ("probs", "factors"), "--attention-form must be probs or factors")]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
 
 
 @dataclass
@@ -77,14 +124,17 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:,.2f} GB"
 
 
-def make_plan(teacher: str, tokens: float, seq_len: int, batch_size: int, top_k: int, temperatures: int,
-              sample_count: int, hidden_layers: str, attention_layers: str, attention_form: str, gpus: int,
-              gpu_memory: float, dtype: str, offload: str, bandwidth: float, gpu_flops: float,
-              logit_rows: int) -> Plan:
+# passes over a B*T x V float32 logits slice per extra stored temperature, and for the sampled draws
+# (storage-side reasons in stage1_extract.logits): top-k read, shift, exp and sum at T=1 = 6 passes
+LOGIT_PASSES, PASSES_PER_TEMPERATURE, SAMPLING_PASSES = 6, 3, 4
+
+
+def make_plan(c: PlanConfig) -> Plan:
     import torch
     import transformers
 
-    config = teacher_config(teacher)
+    c.check()
+    config = teacher_config(c.teacher)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -92,71 +142,85 @@ def make_plan(teacher: str, tokens: float, seq_len: int, batch_size: int, top_k:
     layers = config.num_hidden_layers
     block = sum(p.numel() for p in find_blocks(model)[0].parameters())
     h, vocab, heads = config.hidden_size, config.vocab_size, config.num_attention_heads
+    inter = getattr(config, "intermediate_size", None) or 4 * h
     kv = getattr(config, "num_key_value_heads", heads) or heads
     d = getattr(config, "head_dim", None) or h // heads
-    nbytes = DTYPE_BYTES[dtype]
+    nbytes = DTYPE_BYTES[c.dtype]
     param_bytes = params * nbytes
+    offloaded = c.offload in ("cpu", "nvme")
 
     # cache bytes per token, exact before compression
     ids = 2 if vocab <= 65536 else 4
-    per_token = {"tokens": 4 + 4 / seq_len, "logits": top_k * (ids + 2) + 4 * temperatures}
-    if sample_count:
-        per_token["sampled"] = min(sample_count, vocab) * (ids + 2)
-    n_hidden = len(parse_layers(hidden_layers, layers, 0, "hidden"))
-    n_attn = len(parse_layers(attention_layers, layers, 1, "attention"))
+    per_token = {"tokens": 4 + 4 / c.seq_len, "logits": c.top_k * (ids + 2) + 4 * c.temperatures}
+    if c.sample_count:
+        per_token["sampled"] = min(c.sample_count, vocab) * (ids + 2)
+    n_hidden = len(parse_layers(c.hidden_layers, layers, 0, "hidden"))
+    n_attn = len(parse_layers(c.attention_layers, layers, 1, "attention"))
     if n_hidden:
         per_token["hidden"] = n_hidden * h * 2
     if n_attn:
-        per_token["attention"] = n_attn * (heads * seq_len * 2 if attention_form == "probs" else (heads + 2 * kv) * d * 2)
-    sequences = math.ceil(tokens / seq_len)
-    cache_bytes = {k: v * sequences * seq_len for k, v in per_token.items()}
+        per_token["attention"] = n_attn * (heads * c.seq_len * 2 if c.attention_form == "probs"
+                                           else (heads + 2 * kv) * d * 2)
+    sequences = math.ceil(c.tokens / c.seq_len)
+    cache_bytes = {k: v * sequences * c.seq_len for k, v in per_token.items()}
 
     # per-GPU memory: resident parameter share + working set (estimate)
-    resident = 0 if offload in ("cpu", "nvme") else param_bytes / gpus
+    resident = 0 if offloaded else param_bytes / c.gpus
     gathered = 2 * block * nbytes  # the block in use and the one prefetched
-    btok = batch_size * seq_len
-    activations = btok * (4 * h + 2 * config.intermediate_size) * nbytes
-    logits = min(logit_rows, btok) * vocab * 4 * 2
+    btok = c.batch_size * c.seq_len
+    activations = btok * (4 * h + 2 * inter) * nbytes
+    logits = min(c.logit_rows, btok) * vocab * 4 * 2
     captured = btok * sum(per_token.get(k, 0) for k in ("hidden", "attention")) * 2
     overhead = 1.5e9  # CUDA context, allocator slack
     per_gpu = resident + gathered + activations + logits + captured + overhead
-    fits = per_gpu <= gpu_memory
+    fits = per_gpu <= c.gpu_memory
 
-    # time (estimate): each GPU runs its own batches; a forward needs 2 * params FLOPs per token plus
-    # attention, and under offload streams every parameter byte from CPU/NVMe once per forward
-    flops_per_batch = 2 * params * btok + 4 * layers * btok * seq_len * h
-    compute_s = flops_per_batch / gpu_flops
-    stream_s = param_bytes / bandwidth if offload in ("cpu", "nvme") else 0.0
-    batches_per_gpu = math.ceil(sequences / (batch_size * gpus))
-    total_s = batches_per_gpu * max(compute_s, stream_s)
-    bound = "parameter streaming" if stream_s > compute_s else "compute"
+    # time per batch (estimate), each GPU running its own batches. Compute: the matmuls (2 x parameters
+    # per token, plus attention), and the element-wise work that moves memory instead: the passes over the
+    # vocabulary for the logsumexp, temperatures and draws, and each block's norms, activations and residuals
+    flops = 2 * params * btok + 4 * layers * btok * c.seq_len * h
+    passes = LOGIT_PASSES + PASSES_PER_TEMPERATURE * (c.temperatures - 1) + (SAMPLING_PASSES if c.sample_count else 0)
+    elementwise = btok * vocab * 4 * passes + btok * layers * (8 * h + 4 * inter) * nbytes
+    compute_s = flops / c.gpu_flops + elementwise / c.memory_bandwidth
+    # ZeRO-3 keeps 1/G of the parameters per GPU (on it, or offloaded): each forward brings a GPU's own
+    # share in from CPU/NVMe and gathers the other (G-1)/G from the other GPUs; prefetching overlaps both
+    # with compute, so the slowest of the three sets the pace
+    stream_s = param_bytes / c.gpus / c.bandwidth if offloaded else 0.0
+    gather_s = param_bytes * (c.gpus - 1) / c.gpus / c.interconnect
+    terms = {"compute": compute_s, "parameter streaming": stream_s, "all-gather between GPUs": gather_s}
+    bound = max(terms, key=terms.get)
+    batches_per_gpu = math.ceil(sequences / (c.batch_size * c.gpus))
+    total_s = batches_per_gpu * terms[bound]
 
-    why = (f"needs {_gb(per_gpu)} of {_gb(gpu_memory)}" + (" (parameters offloaded to " + offload + ")"
-                                                            if offload in ("cpu", "nvme") else
-                                                            f" ({_gb(param_bytes / gpus)} of parameters per GPU)"))
+    why = (f"needs {_gb(per_gpu)} of {_gb(c.gpu_memory)}" + (f" (parameters offloaded to {c.offload})" if offloaded
+                                                               else f" ({_gb(param_bytes / c.gpus)} of parameters per GPU)"))
     lines = [
-        ("teacher", f"{teacher}: {params / 1e9:,.3f}B parameters, {layers} layers, hidden {h}, vocab {vocab}", False),
-        ("parameter bytes", f"{_gb(param_bytes)} in {dtype}; largest tensor {largest / 1e6:,.1f}M elements "
+        ("teacher", f"{c.teacher}: {params / 1e9:,.3f}B parameters, {layers} layers, hidden {h}, vocab {vocab}", False),
+        ("parameter bytes", f"{_gb(param_bytes)} in {c.dtype}; largest tensor {largest / 1e6:,.1f}M elements "
                             f"(nvme buffer_size must hold it)", False),
-        ("offload", {"cpu": f"{_gb(param_bytes)} of parameters in pinned CPU RAM",
-                     "nvme": f"{_gb(param_bytes)} of parameters on NVMe (plus CPU swap buffers)"}.get(
-            offload, f"none: ZeRO-3 partitions the parameters over {gpus} GPU(s)"), False),
+        ("offload", {"cpu": f"{_gb(param_bytes)} of parameters in pinned CPU RAM, {_gb(param_bytes / c.gpus)} per GPU",
+                     "nvme": f"{_gb(param_bytes)} of parameters on NVMe (plus CPU swap buffers), "
+                             f"{_gb(param_bytes / c.gpus)} per GPU"}.get(
+            c.offload, f"none: ZeRO-3 partitions the parameters over {c.gpus} GPU(s)"), False),
         ("per-GPU memory", f"{_gb(per_gpu)}: parameters resident {_gb(resident)}, two blocks gathered "
                            f"{_gb(gathered)}, activations {_gb(activations)}, logit slices {_gb(logits)}, "
                            f"captured signals {_gb(captured)}, overhead {_gb(overhead)}", True),
         ("fits", ("yes: " if fits else "NO: ") + why + (
             "" if fits else "; offload parameters (--offload cpu|nvme), add GPUs, or lower --batch-size"), True),
-        ("corpus", f"{tokens:,.0f} tokens = {sequences:,} sequences of {seq_len}", False),
+        ("corpus", f"{c.tokens:,.0f} tokens = {sequences:,} sequences of {c.seq_len}", False),
     ]
     for k, v in cache_bytes.items():
         lines.append((f"cache: {k}", f"{_gb(v)} ({per_token[k]:,.1f} B/token) before compression", False))
     lines.append(("cache: total", f"{_gb(sum(cache_bytes.values()))} before compression; "
-                                  f"full fp16 logits would be {_gb(2 * vocab * sequences * seq_len)}", False))
-    lines.append(("time per batch", f"compute {compute_s:.2f}s at {gpu_flops / 1e12:.0f} TFLOP/s, parameter streaming "
-                                    f"{stream_s:.2f}s at {bandwidth / 1e9:.0f} GB/s: {bound}-bound", True))
-    lines.append(("extraction time", f"{total_s / 3600:,.1f} hours on {gpus} GPU(s) "
-                                     f"({batches_per_gpu:,} batches of {batch_size} per GPU)", True))
+                                  f"full fp16 logits would be {_gb(2 * vocab * sequences * c.seq_len)}", False))
+    lines.append(("time per batch", f"compute {compute_s:.2f}s ({flops / 1e12:,.1f} TFLOP at {c.gpu_flops / 1e12:.0f} "
+                                    f"TFLOP/s + {elementwise / 1e9:,.1f} GB element-wise at "
+                                    f"{c.memory_bandwidth / 1e9:,.0f} GB/s), parameter streaming {stream_s:.2f}s at "
+                                    f"{c.bandwidth / 1e9:.0f} GB/s, all-gather {gather_s:.2f}s at "
+                                    f"{c.interconnect / 1e9:.0f} GB/s: {bound}-bound", True))
+    lines.append(("extraction time", f"{total_s / 3600:,.1f} hours on {c.gpus} GPU(s) "
+                                     f"({batches_per_gpu:,} batches of {c.batch_size} per GPU)", True))
     data = {"params": params, "param_bytes": param_bytes, "largest_tensor": largest, "per_gpu_bytes": per_gpu,
             "fits": fits, "cache_bytes": cache_bytes, "cache_bytes_per_token": per_token,
-            "seconds_per_batch": max(compute_s, stream_s), "total_seconds": total_s, "bound": bound}
+            "seconds_per_batch": terms[bound], "seconds_by_term": terms, "total_seconds": total_s, "bound": bound}
     return Plan(lines=lines, fits=fits, data=data)

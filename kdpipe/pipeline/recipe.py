@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-
 from kdpipe.errors import UserError
+from kdpipe.jsonfile import read_json, write_json
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -153,74 +152,32 @@ def _stamp(value: Any, workdir: Path) -> list:
     return stamps
 
 
-def _argv(command: click.Command, settings: dict[str, Any], step: str) -> list[str]:
-    params = {}  # by parameter name and by flag name (`run` for --run, whose parameter is run_dir)
-    for p in command.params:
-        params.update({name: p for name in [p.name, *(o.lstrip("-").replace("-", "_") for o in p.opts)]})
-    args: list[str] = []
-    for key, value in settings.items():
-        param = params.get(key)
-        if param is None or key == "config":
-            raise UserError(f"unknown setting {key!r} for `kdpipe {command.name}`")
-        if isinstance(param, click.Argument):
-            args.insert(0, str(value))
-            continue
-        flag = max(param.opts, key=len)
-        if param.is_flag:
-            args += [flag] if value else []
-        elif getattr(param, "multiple", False):
-            for v in value if isinstance(value, list) else [value]:
-                args += [flag, str(v)]
-        else:
-            args += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-    return args
-
-
 def _run_step(step: Step, settings: dict[str, Any], out: Path) -> dict[str, Any]:
-    from kdpipe import cli
+    from kdpipe.pipeline.commands import run_distill, run_eval, run_extract
 
-    command = {"extract": cli.extract, "distill": cli.distill, "eval": cli.evaluate_command}[step.kind]
     settings = dict(settings)
-    if step.kind in ("extract", "distill"):
-        settings["out"] = str(out)
-        if out.exists() and any(out.iterdir()):  # what a failed attempt wrote is resumed, not redone
-            settings["resume"] = True
-    else:
-        settings["as_json"] = True
+    if "out" in settings or "config" in settings:
+        raise UserError(f"recipe step {step.name!r}: `out` and `config` are not step settings (kdpipe names the "
+                        f"step's output directory)")
     started = time.perf_counter()
     try:
         if step.kind == "eval":
-            with click.Context(command) as ctx:
-                params = command.make_context(command.name, _argv(command, settings, step.name), parent=ctx).params
-            from kdpipe.stage2_distill.evaluate import evaluate_model
-
-            record = evaluate_model(params["student"], params["cache"], params["run_dir"], params["max_sequences"],
-                                    params["batch_size"], params["device"])
+            record = run_eval(settings)
             out.mkdir(parents=True, exist_ok=True)
             (out / "eval.json").write_text(json.dumps(record, indent=2))
         else:
-            command.main(_argv(command, settings, step.name), prog_name=f"kdpipe {command.name}",
-                         standalone_mode=False)
-            record = {}
-    except click.ClickException as exc:
-        raise UserError(f"recipe step {step.name!r}: {exc.format_message()}") from None
+            settings["out"] = str(out)
+            if out.exists() and any(out.iterdir()):  # what a failed attempt wrote is resumed, not redone
+                settings["resume"] = True
+            if step.kind == "extract":
+                done = run_extract(settings)
+                record = {"tokens": done.manifest.data.num_tokens, "tokens_per_s": done.tokens_per_second}
+            else:
+                done = run_distill(settings)
+                record = {**done.final, "tokens_per_s": done.tokens_per_second}
     except UserError as exc:
         raise UserError(f"recipe step {step.name!r}: {exc}") from None
-    record["seconds"] = time.perf_counter() - started
-    return record | _summary(step.kind, out, record["seconds"])
-
-
-def _summary(kind: str, out: Path, seconds: float) -> dict[str, Any]:
-    if kind == "extract":
-        from kdpipe.storage.reader import TeacherCache
-
-        tokens = TeacherCache(out).manifest.data.num_tokens
-        return {"tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9)}
-    if kind == "distill":
-        final = json.loads((out / "final.json").read_text())["final"]
-        last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-        return {**final, "tokens_per_s": last.get("tokens_per_s")}
-    return {}
+    return record | {"seconds": time.perf_counter() - started}
 
 
 def run_recipe(path: str, overrides: dict[str, str], only: str | None = None, force: bool = False,
@@ -241,7 +198,8 @@ def run_recipe(path: str, overrides: dict[str, str], only: str | None = None, fo
         out = workdir / f"{step.name}-{digest[:12]}"
         outputs[step.name], hashes[step.name] = out, digest
         marker = out / MARKER
-        previous = json.loads(marker.read_text()) if marker.exists() else {}
+        previous = read_json(marker)
+        previous = previous if isinstance(previous, dict) and isinstance(previous.get("record"), dict) else {}
         done = previous.get("hash") == digest
         if only is not None and step.name != only:
             if not done and step.name in needed:
@@ -252,11 +210,12 @@ def run_recipe(path: str, overrides: dict[str, str], only: str | None = None, fo
             echo(f"[{step.name}] unchanged, skipped ({out.name})")
             continue
         echo(f"[{step.name}] {step.kind} -> {out}")
-        if done:
-            marker.unlink()
+        if done or (force and out.exists()):  # --force recomputes; the earlier result is kept beside it
+            kept = out.with_name(f"{out.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+            out.rename(kept)
+            echo(f"[{step.name}] --force: the earlier output is kept as {kept.name}")
         record = _run_step(step, settings, out)
-        marker.write_text(json.dumps({"hash": digest, "kind": step.kind, "settings": settings, "record": record},
-                                     indent=2, default=str))
+        write_json(marker, {"hash": digest, "kind": step.kind, "settings": settings, "record": record})
         results.append(StepResult(step.name, step.kind, "ran", out, record))
     return results
 

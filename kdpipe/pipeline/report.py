@@ -8,6 +8,7 @@ from typing import Any
 import click
 import numpy as np
 
+from kdpipe.console import plural
 from kdpipe.errors import UserError
 from kdpipe.storage.reader import TeacherCache
 from kdpipe.storage.schema import array_specs
@@ -53,6 +54,19 @@ def _size(n: float) -> str:
     return str(n)
 
 
+def _listed(values: list) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def describe_signals(sig: dict[str, Any]) -> str:
+    sampled = f"{plural(sig['sample_count'], 'draw')} per position" if sig["sample_count"] else "none"
+    hidden = f"{_listed(sig['hidden_layers'])} ({sig['hidden_dtype']})" if sig["hidden_layers"] else "none"
+    attention = (f"{sig['attention_form']} of blocks {_listed(sig['attention_layers'])}" if sig["attention_layers"]
+                 else "none")
+    return (f"top-{sig['top_k']} at T={_listed(sig['temperatures'])}; sampled: {sampled}; hidden layers: {hidden}; "
+            f"attention: {attention}")
+
+
 def format_summary(s: dict[str, Any]) -> str:
     m = s["manifest"]
     t, d, sig, lay = m["teacher"], m["data"], m["signals"], m["layout"]
@@ -64,10 +78,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"heads={t['num_heads']}/{t['num_kv_heads']} vocab={t['vocab_size']} dtype={t['dtype']}",
         f"data      {d['num_sequences']} x {d['seq_len']} tokens ({d['packing']}), {d['num_tokens']} valid, "
         f"fingerprint {d['fingerprint'][:16]}",
-        f"signals   top-{sig['top_k']} at T={sig['temperatures']}, sampled m={sig['sample_count']}, "
-        f"hidden {sig['hidden_layers']} ({sig['hidden_dtype']}), attention {sig['attention_form']} "
-        f"{sig['attention_layers']}",
-        f"layout    {lay['sequences_per_unit']} sequences per unit, {lay['sequences_per_chunk']} per chunk; "
+        f"signals   {describe_signals(sig)}",
+        f"layout    {plural(lay['sequences_per_unit'], 'sequence')} per unit, {lay['sequences_per_chunk']} per chunk; "
         f"engine {m['engine']['name']} on {m['engine']['device']}",
         "",
         f"{'array':32} {'shape':>22} {'dtype':>9} {'stored':>11} {'ratio':>7} {'B/token':>9}",

@@ -25,8 +25,14 @@ def expand_sources(patterns: Sequence[str]) -> list[Path]:
             raise UserError(f"corpus path {pattern} matches nothing: check --data")
         for match in map(Path, matches):
             if match.is_dir():
-                files += sorted(p for p in match.rglob("*") if p.is_file()
-                                and p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES)
+                found = sorted(p for p in match.rglob("*") if p.is_file())
+                readable = [p for p in found if p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES]
+                if not readable:
+                    skipped = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+                    raise UserError(f"no text or jsonl files under {match}" + (f" (skipped: {skipped})" if found else
+                                                                               " (it is empty)")
+                                    + f": kdpipe reads {', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))}")
+                files += readable
             else:
                 files.append(match)
     return files
@@ -46,7 +52,10 @@ def iter_documents(files: Sequence[Path], text_field: str = "text") -> Iterator[
                         raise UserError(f"{path}:{lineno} is not valid JSON") from None
                     if not isinstance(record, dict) or text_field not in record:
                         raise UserError(f"{path}:{lineno} has no field {text_field!r}: set --text-field")
-                    yield str(record[text_field])
+                    if not isinstance(record[text_field], str):
+                        raise UserError(f"{path}:{lineno}: field {text_field!r} holds a "
+                                        f"{type(record[text_field]).__name__}, not text: set --text-field")
+                    yield record[text_field]
         else:
             try:
                 yield path.read_text(encoding="utf-8")
@@ -67,11 +76,12 @@ def tokenize_documents(docs: Iterator[str], tokenizer, batch: int = 64) -> Itera
 
 
 def pack(token_docs: Iterator[list[int]], seq_len: int, separator: int | None, packing: str,
-         pad_id: int, max_sequences: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+         pad_id: int, max_sequences: int | None = None, keep_tail: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """Blocks [N, seq_len] int32, valid lengths [N], and the number of tokens dropped.
 
     `packed`: documents joined with `separator` (EOS) between them, cut into full blocks; the last
-    partial block is dropped. `padded`: each document split into blocks of its own, the last one padded.
+    partial block is dropped, or kept padded with its length stored (`keep_tail`). `padded`: each
+    document split into blocks of its own, the last one padded.
     """
     rows: list[np.ndarray] = []
     lengths: list[int] = []
@@ -100,8 +110,14 @@ def pack(token_docs: Iterator[list[int]], seq_len: int, separator: int | None, p
                     break
         if full:
             break
-    if packing == "packed" and not full:
-        dropped = len(buffer)
+    if packing == "packed" and not full and buffer:
+        if keep_tail:
+            row = np.full(seq_len, pad_id, dtype=np.int32)
+            row[:len(buffer)] = buffer
+            rows.append(row)
+            lengths.append(len(buffer))
+        else:
+            dropped = len(buffer)
     if not rows:
         raise UserError(f"the corpus holds fewer than {seq_len} tokens, not one block: add data or lower --seq-len")
     return np.stack(rows), np.asarray(lengths, dtype=np.int32), dropped

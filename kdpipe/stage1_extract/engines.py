@@ -16,7 +16,7 @@ from torch import nn
 
 from kdpipe.distributed import distributed_env, init_process_group, read_deepspeed_json
 from kdpipe.errors import UserError
-from kdpipe.modelio import TeacherSource, load_teacher
+from kdpipe.modelio import TeacherSource, load_config, load_teacher
 
 
 T = TypeVar("T")
@@ -105,12 +105,10 @@ def load_deepspeed_teacher(source: TeacherSource, dtype: str, device: str, offlo
     """The teacher under ZeRO-3 inference. Weights are loaded under `deepspeed.zero.Init` (through
     transformers' HfDeepSpeedConfig), so no process ever holds the whole model."""
     import deepspeed
-    import transformers
     from transformers.integrations import HfDeepSpeedConfig
 
     init_process_group(device)
-    config = transformers.AutoConfig.from_pretrained(source.directory, trust_remote_code=trust_remote_code,
-                                                     **source.load_kwargs())
+    config = load_config(source, trust_remote_code)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     largest = int(getattr(text, "vocab_size", 0) or 0) * int(getattr(text, "hidden_size", 0) or 0)
     ds_config = deepspeed_config(dtype, offload, nvme_path, user_config, largest)

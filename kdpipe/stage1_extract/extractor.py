@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import time
-
-import click
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from kdpipe.console import quiet_libraries, say
 from kdpipe.capture import find_blocks, parse_layers, self_attention, text_config
 from kdpipe.errors import UserError
 from kdpipe.stage1_extract.corpus import expand_sources, iter_documents, pack, tokenize_documents
@@ -21,6 +20,7 @@ from kdpipe.stage1_extract.teacher import (configure_threads, describe_teacher, 
 from kdpipe.storage.fingerprint import data_fingerprint
 from kdpipe.storage.manifest import DataInfo, EngineInfo, Layout, Manifest, SignalSpec
 from kdpipe.storage.schema import array_specs, unit_range
+from kdpipe.modelio import check_device, load_config
 from kdpipe.storage.lock import DirectoryLock, describe
 from kdpipe.storage.writer import UnitWriter, check_out, finalize, open_store, prepare_store, units_done
 
@@ -34,6 +34,7 @@ class ExtractConfig:
     text_field: str = "text"
     seq_len: int = 256
     packing: str = "packed"
+    keep_tail: bool = False  # packed: keep the corpus tail that does not fill a block, padded
     batch_size: int = 8
     top_k: int = 64
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
@@ -95,10 +96,14 @@ def _check_options(cfg: ExtractConfig) -> None:
         (cfg.engine in ("hf", "deepspeed"), f"engine {cfg.engine!r} is not available: use --engine hf or deepspeed"),
         (cfg.offload in ("cpu", "nvme"), "--offload must be cpu or nvme"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other: pick one"),
+        (cfg.logit_rows > 0, "--logit-rows must be positive (positions projected to the vocabulary at once)"),
+        (cfg.max_sequences is None or cfg.max_sequences > 0, "--max-sequences must be positive (leave it out for all)"),
+        (cfg.nvme_path is None or cfg.offload == "nvme", "--nvme-path goes with --offload nvme"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    check_device(cfg.device, allow_auto=cfg.engine == "hf")
 
 
 def extract(cfg: ExtractConfig, model=None, tokenizer=None) -> ExtractResult:
@@ -109,18 +114,16 @@ def extract(cfg: ExtractConfig, model=None, tokenizer=None) -> ExtractResult:
     source = resolve_teacher(cfg.teacher)
     files = expand_sources(cfg.data)
     check_out(cfg.out, cfg.resume, cfg.overwrite)
+    _check_against_config(cfg, load_config(source, cfg.trust_remote_code))
     configure_threads()
     if cfg.quiet:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
+        quiet_libraries()
     ranks = Ranks.from_env(cfg.device, needed=cfg.engine == "deepspeed")
     lock = DirectoryLock(cfg.out, "teacher cache")
     ranks.first(lock.acquire)  # one writer per store: rank 0 holds its lock
     try:
         if lock.took_over:
-            log(f"took over the lock of {describe(lock.took_over)}, which is no longer running")
+            say(f"took over the lock of {describe(lock.took_over)}, which is no longer running")
         return _extract(cfg, source, files, ranks, model, tokenizer)
     finally:
         lock.release()
@@ -178,18 +181,30 @@ def _extract(cfg: ExtractConfig, source, files, ranks: Ranks, model, tokenizer) 
     return ExtractResult(cfg.out, manifest, written_seqs, written_tokens, seconds, manifest.complete)
 
 
-def log(message: str) -> None:
-    click.echo(f"kdpipe: {message}", err=True)
+def _check_against_config(cfg: ExtractConfig, config) -> None:
+    """The settings that depend on the teacher's shape, from its config alone: before its weights load."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers, vocab = getattr(text, "num_hidden_layers", None), getattr(text, "vocab_size", None)
+    positions = next((v for k in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+                      if isinstance(v := getattr(text, k, None), int) and v > 0), None)
+    check_shape(cfg, layers, vocab, positions)
+
+
+def check_shape(cfg: ExtractConfig, layers: int | None, vocab: int | None, positions: int | None) -> None:
+    if positions and cfg.seq_len > positions:
+        raise UserError(f"--seq-len {cfg.seq_len} is longer than the teacher's {positions} positions: lower --seq-len")
+    if vocab and cfg.top_k > vocab:
+        raise UserError(f"--top-k {cfg.top_k} is larger than the vocabulary ({vocab}): lower --top-k")
+    if layers:
+        parse_layers(cfg.hidden_layers, layers, 0, "hidden")
+        parse_layers(cfg.attention_layers, layers, 1, "attention")
+        parse_layers(cfg.interchange_layers, layers - 1, 1, "interchange")
 
 
 def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInfo):
     """Check the settings against the teacher, pack the corpus, and write down the manifest."""
     teacher = describe_teacher(model, source.name, cfg.dtype, weights_fingerprint(source))
-    if teacher.max_positions and cfg.seq_len > teacher.max_positions:
-        raise UserError(f"--seq-len {cfg.seq_len} is longer than the teacher's {teacher.max_positions} positions: "
-                        f"lower --seq-len")
-    if cfg.top_k > teacher.vocab_size:
-        raise UserError(f"--top-k {cfg.top_k} is larger than the vocabulary ({teacher.vocab_size}): lower --top-k")
+    check_shape(cfg, teacher.num_layers, teacher.vocab_size, teacher.max_positions)
     if len(tokenizer) > teacher.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the teacher only {teacher.vocab_size} "
                         f"logits: pass the teacher's own --tokenizer")
@@ -200,7 +215,7 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
     docs = tokenize_documents(iter_documents(files, cfg.text_field), tokenizer)
-    tokens, lengths, dropped = pack(docs, cfg.seq_len, eos, cfg.packing, pad, cfg.max_sequences)
+    tokens, lengths, dropped = pack(docs, cfg.seq_len, eos, cfg.packing, pad, cfg.max_sequences, cfg.keep_tail)
     n = len(tokens)
 
     per_unit = cfg.sequences_per_unit

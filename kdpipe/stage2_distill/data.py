@@ -44,7 +44,7 @@ class Split:
         else:
             n_eval = 0
         if warn is not None and units and n_eval / len(units) > 0.2:
-            warn(f"holding out {n_eval} of {len(units)} work units ({n_eval / len(units):.0%} of the cache) for "
+            warn(f"holding out {n_eval} of {len(units)} work units ({n_eval / len(units):.1%} of the cache) for "
                  f"evaluation, trained on {len(units) - n_eval}: extract more data, or set --eval-sequences "
                  f"(0: no held-out set)")
         order = np.random.default_rng([seed, 7]).permutation(units).tolist()

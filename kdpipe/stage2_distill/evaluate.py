@@ -4,7 +4,6 @@ bucket KL to the teacher over its stored top-k, and top-1 agreement with the tea
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Iterable
@@ -13,12 +12,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdpipe.console import say
 from kdpipe.errors import UserError
 from kdpipe.modelio import load_teacher, resolve_teacher
 from kdpipe.stage2_distill.data import eval_batches
 from kdpipe.stage2_distill.losses import bucket_kl, lm_loss
 from kdpipe.stage2_distill.methods.base import Batch, Needs
-from kdpipe.stage2_distill.rundir import read_json
+from kdpipe.jsonfile import read_json
 from kdpipe.storage.reader import TeacherCache
 
 
@@ -69,8 +69,6 @@ def evaluate_model(model_path: str, cache_path: str, run_dir: str | None, max_se
         units = held_out_units(Path(run_dir), cache)
     else:
         units = np.flatnonzero(cache.units_done()).tolist()
-        print(f"kdpipe: evaluating on all {cache.num_sequences} sequences of {cache_path}, training sequences "
-              f"included: pass --run DIR to use that run's held-out units", file=sys.stderr)
     if not units or max_sequences == 0 or batch_size <= 0:
         raise UserError("no sequences to evaluate on (check --run, --max-sequences and --batch-size)")
     model = load_teacher(source, device=device)
@@ -78,6 +76,9 @@ def evaluate_model(model_path: str, cache_path: str, run_dir: str | None, max_se
     if vocab != cache.manifest.teacher.vocab_size:
         raise UserError(f"{model_path} has a vocabulary of {vocab}, the cache's teacher "
                         f"{cache.manifest.teacher.vocab_size}: evaluate a model of the teacher's vocabulary")
+    if not run_dir:
+        say(f"evaluating on all {cache.num_sequences} sequences of {cache_path}, training sequences included: "
+            f"pass --run DIR to use that run's held-out units")
     seen = {"sequences": 0, "tokens": 0}
 
     def batches():

@@ -20,30 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.errors import UserError
+from kdpipe.jsonfile import read_json, write_json
 from kdpipe.storage.lock import LOCK_NAME, DirectoryLock
 
 # what a run directory may hold; --overwrite removes nothing else
 RUN_ENTRIES = {"run.json", "metrics.jsonl", "final.json", "checkpoints", "student", "kdpipe-step.json", "eval.json",
                "tensorboard", "mlruns", "wandb"}
-
-
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError, OSError):
-        raise UserError(f"{path} is damaged (not JSON): remove it, or start the run again with --overwrite") from None
 
 
 def is_run_entry(name: str) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -17,13 +16,16 @@ import torch
 from tqdm import tqdm
 
 from kdpipe.capture import Capture, text_config
+from kdpipe.console import quiet_libraries, say
 from kdpipe.distributed import distributed_env
 from kdpipe.errors import UserError
 from kdpipe.stage2_distill import checkpoint
 from kdpipe.stage2_distill.data import Split, TrainBatches, check_teachers, eval_batches, merge_needs, open_caches
 from kdpipe.stage2_distill.evaluate import evaluate
 from kdpipe.stage2_distill.methods import Context, StudentOutput
-from kdpipe.stage2_distill.methods.base import Needs, build_methods
+from kdpipe.modelio import check_device
+from kdpipe.stage2_distill.layermap import check_layer_map
+from kdpipe.stage2_distill.methods.base import Needs, build_methods, validate_specs
 from kdpipe.stage2_distill.rundir import RunDir
 from kdpipe.stage2_distill.student import build_student, save_student
 
@@ -89,17 +91,11 @@ def check_config(cfg: DistillConfig) -> None:
         if not ok:
             raise UserError(message)
     check_device(cfg.device)
-
-
-def check_device(device: str) -> None:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {device!r} is not supported: use cpu, cuda or cuda:N")
+    validate_specs(cfg.method)
+    if cfg.layer_map != "uniform" and not cfg.init_from_teacher:
+        raise UserError("--layer-map chooses the teacher layers --init-from-teacher copies; a method takes its own "
+                        "(e.g. --method tinybert:layer_map=skip)")
+    check_layer_map(cfg.layer_map)
 
 
 def lr_lambda(cfg: DistillConfig):
@@ -131,6 +127,8 @@ def student_runner(model, padded: bool):
 
 def distill(cfg: DistillConfig) -> DistillResult:
     check_config(cfg)
+    if cfg.quiet:
+        quiet_libraries()
     rank, world = distributed_env()
     run = RunDir(cfg.out, cfg.resume, cfg.overwrite, rank)  # refuses a run it must not touch, before any loading
     caches = open_caches(cfg.cache, cfg.allow_partial)
@@ -158,7 +156,7 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
     check_teachers(caches, methods)
     for method in methods:
         method.to(device)
-    split = Split.choose(cache, cfg.eval_sequences, cfg.seed, warn=log)
+    split = Split.choose(cache, cfg.eval_sequences, cfg.seed, warn=say)
     needs = merge_needs([mt.needs() for mt in methods] + [Needs(topk=bool(split.eval_units))])  # eval reads top-k
     other_needs = [(c, merge_needs([mt.teacher_needs(i) for mt in methods])) for i, c in enumerate(caches) if i]
     student_layers = sorted({layer for mt in methods for layer in mt.student_layers()})
@@ -258,10 +256,6 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
     if rank == 0:
         run.write_final({"steps": cfg.steps, "initial": initial, "final": final})
     return DistillResult(str(run.path), cfg.steps, final, initial, seconds, tokens / max(seconds, 1e-9))
-
-
-def log(message: str) -> None:
-    print(f"kdpipe: {message}", file=sys.stderr, flush=True)
 
 
 def strip_step(record: dict) -> dict:

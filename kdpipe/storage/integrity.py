@@ -10,9 +10,12 @@ the manifest's schema (shape, dtype, codecs) before anything is read.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import zarr
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 from kdpipe.errors import UserError
 from kdpipe.storage.schema import ArraySpec
@@ -81,8 +84,10 @@ def objects(arr: zarr.Array, start: int, stop: int) -> list[tuple[int, int, str]
 def missing_rows(arr: zarr.Array, start: int, stop: int) -> list[tuple[int, int]]:
     """The row ranges within [start, stop) whose chunk file is not in the store."""
     store, base = arr.store_path.store, arr.store_path.path
-    return [(a, b) for a, b, key in objects(arr, start, stop)
-            if not sync(store.exists(f"{base}/{key}" if base else key))]
+    keys = [(a, b, f"{base}/{key}" if base else key) for a, b, key in objects(arr, start, stop)]
+    if isinstance(store, LocalStore):  # a stat, not a round trip through zarr's event loop
+        return [(a, b) for a, b, key in keys if not os.path.exists(os.path.join(store.root, key))]
+    return [(a, b) for a, b, key in keys if not sync(store.exists(key))]
 
 
 def read_rows(arr: zarr.Array, name: str, index, where: str) -> np.ndarray:

@@ -68,6 +68,9 @@ def check_out(path: str | Path, resume: bool, overwrite: bool) -> None:
     """Before any model loads: the output path can hold a cache, and an existing one is resumed or replaced
     only when asked (a damaged one can only be replaced)."""
     path = Path(path)
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--out {path}: {parent} is a file, not a directory: choose another --out")
     if overwrite:
         clear_store(path, dry_run=True)
         return

@@ -8,6 +8,7 @@ over the batch and the student's outputs. A new method is one new file with a `@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 
 from kdpipe.errors import UserError
+from kdpipe.stage2_distill.layermap import check_layer_map
+from kdpipe.stage2_distill.methods import catalog
 from kdpipe.storage.manifest import Manifest, TeacherInfo
 
 
@@ -128,14 +131,11 @@ class Method(nn.Module):
     paper: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
     adapted: ClassVar[str] = ""  # how the cache-only version differs from the paper, if it does
+    choices: ClassVar[dict[str, tuple]] = {}  # word settings and their values, beyond base.CHOICES
 
     def __init__(self, params: dict[str, Any], ctx: Context):
         super().__init__()
-        unknown = set(params) - set(self.defaults) - {"weight"}
-        if unknown:
-            raise UserError(f"method {self.name} has no setting {sorted(unknown)[0]!r} (it has: "
-                            f"{', '.join(['weight', *self.defaults])})")
-        self.params = {**self.defaults, **params}
+        self.params = {**self.defaults, **checked_params(type(self), params)}
         self.weight = float(params.get("weight", 1.0))
         self.ctx = ctx
 
@@ -211,6 +211,61 @@ def _value(text: str) -> Any:
     return text
 
 
+# settings whose range is known by name: temperatures are positive, rates are fractions, words from a list
+_POSITIVE = ("temperature", "max_temperature")
+_FRACTIONS = ("drop_rate", "replace_rate", "phase1", "span_rate", "baseline_decay", "alpha")
+CHOICES = {"estimator": ("bucket", "renorm", "sampled"), "pooling": ("mean", "last", "first"), "objective": ("lm", "kd")}
+
+
+def checked_params(cls: type["Method"], params: dict[str, Any]) -> dict[str, Any]:
+    """A method's settings, checked against its defaults: known names, the default's type, a sane range."""
+    known = {"weight": 1.0, **cls.defaults}
+    out = {}
+    for key, value in params.items():
+        if key not in known:
+            raise UserError(f"method {cls.name} has no setting {key!r} (it has: {', '.join(known)})")
+        default = known[key]
+        kind = type(default)
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind in (int, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                and (kind is float or float(value).is_integer())
+            value = kind(value) if ok else value
+        else:
+            ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+            value = str(value) if ok else value
+        if not ok:
+            what = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "a word")
+            raise UserError(f"method {cls.name}: {key}={value!r} must be {what} (default {default!r})")
+        if kind in (int, float) and (value < 0 or (key in _POSITIVE and value <= 0)
+                                     or (key in _FRACTIONS and value > 1)):
+            bound = "positive" if key in _POSITIVE else "in [0, 1]" if key in _FRACTIONS else "0 or more"
+            raise UserError(f"method {cls.name}: {key}={value:g} must be {bound}")
+        choices = {**CHOICES, **cls.choices}.get(key)
+        if choices and value not in choices:
+            raise UserError(f"method {cls.name}: {key}={value!r} is not one of {', '.join(choices)}")
+        if key in ("layer_map", "strategy") and value != "final":
+            check_layer_map(value)
+        out[key] = value
+    return out
+
+
+def validate_specs(specs: list[str]) -> None:
+    """Every --method names a method and sane settings: checked before any cache or model is read."""
+    if not specs:
+        raise UserError("no --method given: e.g. --method kd or --method kd:temperature=2 --method lm:weight=0.5")
+    for spec in specs:
+        name, params = parse_method(spec)
+        if name not in METHODS:
+            if name in catalog.RECIPES:
+                raise UserError(f"{name} is not a loss but a recipe: {catalog.RECIPES[name]}")
+            planned = catalog.status(name, METHODS)
+            hint = f"{name} is {planned}" if planned else f"no method {name!r}"
+            raise UserError(f"{hint}: `kdpipe methods` lists the methods available")
+        checked_params(METHODS[name], params)
+
+
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     """'kd:weight=1,temperature=2' -> ('kd', {'weight': 1, 'temperature': 2})."""
     name, _, rest = spec.partition(":")
@@ -225,21 +280,8 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def build_methods(specs: list[str], ctx: Context) -> list[Method]:
-    from kdpipe.stage2_distill.methods import catalog
-
-    methods = []
-    for spec in specs:
-        name, params = parse_method(spec)
-        if name not in METHODS:
-            if name in catalog.RECIPES:
-                raise UserError(f"{name} is not a loss but a recipe: {catalog.RECIPES[name]}")
-            planned = catalog.status(name)
-            hint = f"{name} is {planned}" if planned else f"no method {name!r}"
-            raise UserError(f"{hint}: `kdpipe methods` lists the methods available")
-        methods.append(METHODS[name](params, ctx))
-    if not methods:
-        raise UserError("no --method given: e.g. --method kd or --method kd:temperature=2 --method lm:weight=0.5")
-    return methods
+    validate_specs(specs)
+    return [METHODS[name](params, ctx) for name, params in map(parse_method, specs)]
 
 
 def check_needs(methods: list[Method], manifest: Manifest, cache_path: str, index: int = 0) -> None:

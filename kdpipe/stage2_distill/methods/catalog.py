@@ -38,24 +38,22 @@ RECIPES = {"takd": "kdpipe run examples/takd.toml",
            "albert": "a student option, with any method: --student teacher:layers=6,albert=1[,embedding=128]"}
 
 
-def status(name: str) -> str | None:
-    """'cache' when it runs from the cache (one loss), 'recipe' when it is a pipeline or a student
-    architecture, 'planned' when GKD has it and kdpipe not yet, None if unknown."""
-    from kdpipe.stage2_distill.methods.base import METHODS
-
-    if name in METHODS:
-        return "cache (adapted)" if METHODS[name].adapted else "cache"
+def status(name: str, methods: dict) -> str | None:
+    """'cache' when it runs from the cache (one loss; `methods` is the registry), 'recipe' when it is a
+    pipeline or a student architecture, 'planned' when GKD has it and kdpipe not yet, None if unknown."""
+    if name in methods:
+        return "cache (adapted)" if methods[name].adapted else "cache"
     if name in RECIPES:
         return "recipe"
     return "planned" if any(row[0] == name for row in GKD_METHODS) else None
 
 
-def table() -> list[dict[str, str]]:
-    from kdpipe.stage2_distill.methods.base import METHODS
-
-    rows = [{"method": n, "paper": p, "needs": s, "group": g, "status": status(n),
-             "adaptation": METHODS[n].adapted if n in METHODS else RECIPES.get(n, "")} for n, p, s, g in GKD_METHODS]
-    extra = [{"method": n, "paper": c.paper, "needs": "token ids only", "group": "labels", "status": "cache",
+def table(methods: dict) -> list[dict[str, str]]:
+    """One row per GKD method (and per registered method GKD does not list), from the registry `methods`."""
+    rows = [{"method": n, "paper": p, "needs": s, "group": g, "status": status(n, methods),
+             "adaptation": methods[n].adapted if n in methods else RECIPES.get(n, "")} for n, p, s, g in GKD_METHODS]
+    extra = [{"method": n, "paper": c.paper, "needs": "token ids only (next-token cross-entropy)", "group": "labels",
+              "status": "cache",
               "adaptation": ""}
-             for n, c in METHODS.items() if not any(r["method"] == n for r in rows)]
+             for n, c in methods.items() if not any(r["method"] == n for r in rows)]
     return rows + extra

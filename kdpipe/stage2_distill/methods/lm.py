@@ -9,7 +9,7 @@ from kdpipe.stage2_distill.methods.base import Method, register
 @register
 class LM(Method):
     name = "lm"
-    paper = "hard labels (next-token cross-entropy)"
+    paper = "hard labels"
 
     def loss(self, batch, out, step):
         return {"lm": lm_loss(out.logits, batch.input_ids, batch.mask)}

@@ -27,6 +27,7 @@ class PKD(Method):
     adapted = "pooled hidden states (mean, last, first token, or every token) instead of [CLS]"
     defaults = {"alpha": 0.5, "beta": 100.0, "temperature": 2.0, "strategy": "skip", "pooling": "mean",
                 "estimator": "bucket"}
+    choices = {"pooling": ("mean", "last", "first", "token")}
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
