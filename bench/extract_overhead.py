@@ -55,8 +55,10 @@ def peak_in_fresh_process(mode: str, teacher: str, batch: torch.Tensor, args) ->
     import subprocess
     import sys
 
-    with tempfile.NamedTemporaryFile(suffix=".pt", delete=False) as f:
-        torch.save(batch, f.name)
+    from safetensors.torch import save_file
+
+    with tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False) as f:
+        save_file({"batch": batch.contiguous()}, f.name)
     cmd = [sys.executable, __file__, "--peak", mode, "--peak-batch", f.name, "--teacher", teacher,
            "--top-k", str(args.top_k), "--logit-rows", str(args.logit_rows)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -66,7 +68,9 @@ def peak_in_fresh_process(mode: str, teacher: str, batch: torch.Tensor, args) ->
 
 def peak_child(mode: str, teacher: str, batch_file: str, top_k: int, rows: int) -> None:
     model = load_teacher(resolve_teacher(teacher))
-    batch = torch.load(batch_file)
+    from safetensors.torch import load_file
+
+    batch = load_file(batch_file)["batch"]
     vocab = model.get_output_embeddings().weight.shape[0]
     signals = LogitSignals(LogitSpec(top_k=top_k, temperatures=[1.0], vocab_size=vocab, rows=rows))
 

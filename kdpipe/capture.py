@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from kdpipe.errors import UserError
-from kdpipe.storage.attention import probs_from_scores, attention_scores
+from kdpipe.storage.attention import attention_scores, key_mask, probs_from_scores
 
 _PREFIX = "kdpipe+"
 
@@ -33,10 +33,22 @@ def text_config(model: nn.Module):
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:
     """The model's stack of transformer blocks: the outermost ModuleList with one entry per layer."""
+    return _blocks_and_owner(model)[0]
+
+
+def final_module(model: nn.Module) -> nn.Module:
+    """The module whose output is the final hidden state (`hidden_states[-1]`, after the last norm): the one
+    that holds the blocks (LlamaModel, GPT2Model, OPTDecoder...). Hooking the base model instead misses
+    models whose causal-LM forward calls an inner module directly (OPT calls its decoder)."""
+    return _blocks_and_owner(model)[1]
+
+
+def _blocks_and_owner(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
     n = text_config(model).num_hidden_layers
+    owners = {id(child): parent for parent in model.modules() for child in parent.children()}
     for _, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
+            return module, owners[id(module)]
     raise UserError(f"cannot find the {n} transformer blocks of {type(model).__name__}: kdpipe supports "
                     f"Hugging Face models that keep their blocks in one ModuleList")
 
@@ -114,17 +126,20 @@ def _register(name: str) -> str:
     return wrapped
 
 
-def _allowed_keys(mask: torch.Tensor | None, module: nn.Module, tq: int, tk: int, device) -> torch.Tensor | None:
-    """The boolean allowed-key mask the model used, from whatever form its attention function got."""
+def _allowed_keys(mask: torch.Tensor | None, module: nn.Module, tq: int, tk: int, device,
+                  sliding_window: int | None = None) -> torch.Tensor | None:
+    """The boolean allowed-key mask the model used, from whatever form its attention function got (flash
+    attention gets its sliding window as an argument rather than in the mask)."""
     causal = getattr(module, "is_causal", True)
-    tri = torch.ones(tq, tk, dtype=torch.bool, device=device).tril(tk - tq)[None, None]
+    tri = key_mask(tq, tk, True, None, device, sliding_window or 0)
     if mask is None:  # sdpa/flash pass no mask when plain causal (or no) masking is meant
         return tri if causal and tq > 1 else None
     if mask.dim() == 2:  # flash-style key padding mask [B, Tk]
         keep = mask.bool()[:, None, None, :]
         return keep & tri if causal else keep
     mask = mask[..., :tk]
-    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    return allowed & tri if sliding_window else allowed
 
 
 class Capture:
@@ -135,6 +150,9 @@ class Capture:
     `detach=False` keeps the autograd graph (a student being trained).
     `edits` intervene: edits[i](h) replaces hidden layer i (0 .. L-1) before the next block reads it
     (Theseus' module replacement, DIITO's interchange); what is recorded is the edited state.
+    For every tapped block, `masks[i]` is the boolean allowed-key mask [B or 1, 1, T, T] the model applied
+    (its sliding window included) and `softcaps[i]` its attention soft-capping, so that attention rebuilt
+    from factors uses the model's own mask, never a plain causal one.
     """
 
     def __init__(self, model: nn.Module, hidden_layers: Sequence[int] = (), attention_layers: Sequence[int] = (),
@@ -146,7 +164,10 @@ class Capture:
         self.attention_form = attention_form
         self.hidden: dict[int, torch.Tensor] = {}
         self.attention: dict[int, torch.Tensor | tuple[torch.Tensor, ...]] = {}
+        self.masks: dict[int, torch.Tensor | None] = {}
+        self.softcaps: dict[int, float | None] = {}
         self.scaling: float | None = None
+        self.scalings: dict[int, float] = {}  # block -> the softmax scale its attention call really used
         self._handles: list = []
         self._tapped: list[nn.Module] = []
         self._saved_impl: str | None = None
@@ -163,8 +184,7 @@ class Capture:
             if layer == 0:
                 self._handles.append(blocks[0].register_forward_pre_hook(self._pre_hook(0), with_kwargs=True))
             elif layer == num_layers:
-                base = getattr(self.model, "base_model", self.model)
-                self._handles.append(base.register_forward_hook(self._out_hook(layer)))
+                self._handles.append(final_module(self.model).register_forward_hook(self._out_hook(layer)))
             else:
                 self._handles.append(blocks[layer - 1].register_forward_hook(self._out_hook(layer)))
         if self.attention_layers:
@@ -194,6 +214,9 @@ class Capture:
     def clear(self) -> None:
         self.hidden.clear()
         self.attention.clear()
+        self.masks.clear()
+        self.softcaps.clear()
+        self.scalings.clear()
 
     def _pre_hook(self, layer: int):
         def hook(module, args, kwargs):
@@ -219,15 +242,16 @@ class Capture:
 
     def _attention_tap(self, layer: int):
         def tap(module, query, key, value, mask, kwargs):
-            scaling = kwargs.get("scaling") or module.scaling
-            self.scaling = float(scaling)
+            # the scale the call passes wins: OPT scales its queries itself and calls with scaling=1.0
+            scaling = kwargs.get("scaling")
+            self.scaling = self.scalings[layer] = float(module.scaling if scaling is None else scaling)
+            softcap = kwargs.get("softcap") or None
+            allowed = _allowed_keys(mask, module, query.shape[2], key.shape[2], query.device,
+                                    kwargs.get("sliding_window"))
+            self.masks[layer], self.softcaps[layer] = allowed, softcap
             if self.attention_form == "factors":
                 self.attention[layer] = (self._keep(query), self._keep(key), self._keep(value))
                 return
-            scores = attention_scores(query, key, scaling)
-            softcap = kwargs.get("softcap")
-            if softcap:
-                scores = torch.tanh(scores / softcap) * softcap
-            allowed = _allowed_keys(mask, module, query.shape[2], key.shape[2], query.device)
+            scores = attention_scores(query, key, self.scaling, softcap)
             self.attention[layer] = self._keep(probs_from_scores(scores, allowed))
         return tap

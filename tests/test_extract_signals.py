@@ -1,5 +1,6 @@
-"""Every stored signal against a direct computation on the same model: full logits, output_hidden_states,
-output_attentions (eager)."""
+"""Every stored signal against the model's own forward, for every supported decoder family: full logits
+(after the model's own scaling and soft-capping), output_hidden_states, output_attentions (eager, with the
+model's sliding windows), and attention rebuilt from Q/K/V factors."""
 
 from pathlib import Path
 
@@ -8,8 +9,10 @@ import pytest
 import torch
 import transformers
 
+from kdpipe.errors import UserError
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
 from kdpipe.storage.reader import TeacherCache
+from tiny import FAMILIES, WINDOW
 
 
 def run(teacher: Path, corpus: Path, out: Path, **kw) -> TeacherCache:
@@ -22,8 +25,7 @@ def run(teacher: Path, corpus: Path, out: Path, **kw) -> TeacherCache:
 
 def reference(teacher: Path, cache: TeacherCache):
     """Full logits, all hidden states and all attention maps from a plain eager forward."""
-    model = transformers.AutoModelForMaskedLM if "bert" in teacher.name else transformers.AutoModelForCausalLM
-    model = model.from_pretrained(teacher, attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(teacher, attn_implementation="eager").eval()
     ids = torch.from_numpy(cache.input_ids()).long()
     mask = None
     if cache.manifest.data.packing == "padded":
@@ -38,8 +40,8 @@ def valid_rows(cache: TeacherCache) -> np.ndarray:
     return np.arange(cache.seq_len)[None, :] < cache.lengths()[:, None]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
-def test_signals_match_direct_computation(arch, teachers, corpus, tmp_path):
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_signals_match_the_models_own_forward(arch, teachers, corpus, tmp_path):
     cache = run(teachers[arch], corpus, tmp_path / "c", hidden_layers="all", attention_layers="all",
                 attention_form="probs")
     ref = reference(teachers[arch], cache)
@@ -63,15 +65,43 @@ def test_signals_match_direct_computation(arch, teachers, corpus, tmp_path):
         np.testing.assert_allclose(cache.attention_probs(layer), want, atol=1e-3, err_msg=f"attention layer {layer}")
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_probs_recomputed_from_factors_match_eager(arch, teachers, corpus, tmp_path):
+    """Sliding windows included: Mistral on every layer, Qwen2 above its first layer, Gemma 3 on alternate
+    layers; the manifest records each layer's window and the reader applies it."""
     cache = run(teachers[arch], corpus, tmp_path / "c", attention_layers="all", attention_form="factors")
     ref = reference(teachers[arch], cache)
     m = cache.manifest.teacher
     q, k, v = cache.attention_factors(1)
     assert q.shape[1:] == (m.num_heads, 32, m.head_dim) and k.shape[1] == m.num_kv_heads
+    windows = {"mistral": [WINDOW] * 3, "qwen2": [0, WINDOW, WINDOW], "gemma3": [WINDOW, 0, WINDOW]}
+    assert cache.manifest.signals.attention_windows == windows.get(arch, [0, 0, 0])
     for layer in range(1, m.num_layers + 1):
         np.testing.assert_allclose(cache.attention_probs(layer), ref.attentions[layer - 1].numpy(), atol=2e-3)
+
+
+def test_an_encoder_teacher_is_refused(teachers, corpus, tmp_path):
+    with pytest.raises(UserError, match="BertForMaskedLM is an encoder"):
+        run(teachers["bert"], corpus, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_head_kdpipe_does_not_reproduce_is_refused_before_anything_is_written(teachers, corpus, tmp_path):
+    """A model that changes its logits after the head in a way kdpipe does not know (here: adds a per-token
+    bias) is caught by comparing with its own forward, and refused by name."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(teachers["llama"]).eval()
+    forward = model.forward
+
+    def skewed(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits + torch.linspace(0, 3, out.logits.shape[-1])
+        return out
+
+    model.forward = skewed
+    with pytest.raises(UserError, match="LlamaForCausalLM's output head is not reproduced"):
+        extract(ExtractConfig(teacher=str(teachers["llama"]), data=[str(corpus)], out=str(tmp_path / "c"),
+                              seq_len=32, quiet=True), model=model)
+    assert not (tmp_path / "c").exists()
 
 
 def test_padded_packing_stores_lengths_and_masks(teachers, corpus, tmp_path):

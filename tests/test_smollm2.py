@@ -13,20 +13,15 @@ from kdpipe.cli import cli
 from kdpipe.errors import UserError
 from kdpipe.pipeline.demo import DEMO_CORPUS, smollm2_gguf
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
-from kdpipe.stage1_extract.teacher import load_teacher, load_tokenizer, resolve_teacher
 from kdpipe.storage.reader import TeacherCache
+from tiny import real_teacher
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    try:
-        path = smollm2_gguf()
-    except UserError as exc:
-        pytest.skip(str(exc))
-    source = resolve_teacher(str(path))
-    return path, load_teacher(source), load_tokenizer(None, source)
+    return real_teacher(smollm2_gguf)
 
 
 def test_smollm2_cache_matches_full_forward(smollm2, tmp_path):
@@ -66,8 +61,8 @@ def test_demo_runs_offline_and_reports_what_it_wrote(tmp_path):
         smollm2_gguf()
     except UserError as exc:
         pytest.skip(str(exc))
-    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path), "--sequences", "48", "--steps", "30",
-                                      "--quiet"])
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path), "--sequences", "32", "--seq-len", "64",
+                                      "--steps", "12", "--quiet"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
     metrics = [json.loads(x) for x in Path(report["metrics"]).read_text().splitlines()]
@@ -81,7 +76,7 @@ def test_demo_runs_offline_and_reports_what_it_wrote(tmp_path):
     assert abs(sum(report["cache_bytes_by_signal"].values()) - on_disk) < 1e4
     assert Path(report["plot"]).read_bytes()[:4] == b"\x89PNG"
     cache = TeacherCache(report["cache"])
-    assert cache.num_sequences == 48 and cache.manifest.signals.sample_count == 32
+    assert cache.num_sequences == 32 and cache.manifest.signals.sample_count == 32
     student = transformers.AutoModelForCausalLM.from_pretrained(report["student_dir"])
     assert student.config.vocab_size == 49152
 

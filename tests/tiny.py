@@ -29,30 +29,50 @@ def make_tokenizer():
                                    bos_token="[BOS]", eos_token="[EOS]")
 
 
+FAMILIES = ("llama", "gpt2", "qwen2", "mistral", "gemma3", "phi3", "granite", "gpt_neox", "opt", "cohere")
+WINDOW = 8  # the sliding window of the windowed families, shorter than the test sequences
+
+
 def make_model(arch: str, vocab_size: int, layers: int = 3, hidden: int = 32, heads: int = 4, seed: int = 0,
                positions: int = 128, sharpness: float = 1.0):
-    """`sharpness` scales the output head: random models are near-uniform, a sharper one has peaked,
-    input-dependent distributions worth distilling."""
+    """A tiny random model of one architecture family. `sharpness` scales the output head: random models are
+    near-uniform, a sharper one has peaked, input-dependent distributions worth distilling. The windowed
+    families attend within WINDOW tokens (Qwen2 and Gemma 3 on some layers only); Gemma 3 soft-caps its
+    logits, Granite divides them, Cohere scales them."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    if arch == "llama":
-        config = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
-                                max_position_embeddings=positions, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-                                tie_word_embeddings=False)
-        model = tf.LlamaForCausalLM(config)
-    elif arch == "gpt2":
-        config = tf.GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads,
-                               n_positions=positions, bos_token_id=2, eos_token_id=3)
-        model = tf.GPT2LMHeadModel(config)
-    elif arch == "bert":
-        config = tf.BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                               num_attention_heads=heads, intermediate_size=2 * hidden,
-                               max_position_embeddings=positions, pad_token_id=0)
-        model = tf.BertForMaskedLM(config)
-    else:
+    ids = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, max_position_embeddings=positions, tie_word_embeddings=False, **ids)
+    alternating = ["sliding_attention", "full_attention"] * layers
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**common, num_key_value_heads=heads // 2),
+        "qwen2": lambda: tf.Qwen2Config(**common, num_key_value_heads=heads // 2, use_sliding_window=True,
+                                        sliding_window=WINDOW, max_window_layers=1),
+        "mistral": lambda: tf.MistralConfig(**common, num_key_value_heads=heads // 2, sliding_window=WINDOW),
+        "gemma3": lambda: tf.Gemma3TextConfig(**common, num_key_value_heads=heads // 2, head_dim=hidden // heads,
+                                              sliding_window=WINDOW, layer_types=alternating[:layers],
+                                              final_logit_softcapping=3.0),
+        "phi3": lambda: tf.Phi3Config(**common, num_key_value_heads=heads // 2),
+        "granite": lambda: tf.GraniteConfig(**common, num_key_value_heads=heads // 2, logits_scaling=4.0),
+        "cohere": lambda: tf.CohereConfig(**common, num_key_value_heads=heads // 2, logit_scale=0.5),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                                             num_hidden_layers=layers, num_attention_heads=heads,
+                                             max_position_embeddings=positions, tie_word_embeddings=False, **ids),
+        "opt": lambda: tf.OPTConfig(vocab_size=vocab_size, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
+                                    num_attention_heads=heads, max_position_embeddings=positions,
+                                    word_embed_proj_dim=hidden, **ids),
+        "gpt2": lambda: tf.GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads,
+                                      n_positions=positions, bos_token_id=2, eos_token_id=3),
+        "bert": lambda: tf.BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                                      num_attention_heads=heads, intermediate_size=2 * hidden,
+                                      max_position_embeddings=positions, pad_token_id=0),
+    }
+    if arch not in configs:
         raise ValueError(arch)
+    config = configs[arch]()
+    model = (tf.BertForMaskedLM if arch == "bert" else tf.AutoModelForCausalLM.from_config)(config)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(sharpness)
     return model.eval()
@@ -96,3 +116,18 @@ def small_disk(tmp_path: Path, size: str):
         yield disk, lambda new: subprocess.run(["mount", "-o", f"remount,size={new}", str(disk)], check=True)
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def real_teacher(locate):
+    """(path, model, tokenizer) of a packaged GGUF teacher; the test skips when its package is not installed."""
+    import pytest
+
+    from kdpipe.errors import UserError
+    from kdpipe.stage1_extract.teacher import load_teacher, load_tokenizer, resolve_teacher
+
+    try:
+        path = locate()
+    except UserError as exc:
+        pytest.skip(str(exc))
+    source = resolve_teacher(str(path))
+    return path, load_teacher(source), load_tokenizer(None, source)

@@ -16,7 +16,7 @@ from typing import Any
 
 from kdpipe.capture import find_blocks, parse_layers
 from kdpipe.errors import UserError
-from kdpipe.modelio import load_config, resolve_teacher
+from kdpipe.modelio import ALIASES, load_config, resolve_teacher
 
 # Llama-shaped presets (vocabulary 32000): the sizes users ask about
 PRESETS: dict[str, dict[str, Any]] = {
@@ -63,7 +63,7 @@ def teacher_config(spec: str):
             return transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UserError(f"--teacher {spec} is not a usable config.json ({type(exc).__name__}: {exc})") from None
-    if path.is_dir() or path.suffix == ".gguf" or spec == "smollm2":
+    if path.is_dir() or path.suffix == ".gguf" or spec in ALIASES:
         return load_config(resolve_teacher(spec))
     raise UserError(f"--teacher {spec}: not a config.json, a model directory or .gguf, or one of {', '.join(PRESETS)}")
 

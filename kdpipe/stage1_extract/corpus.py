@@ -63,16 +63,30 @@ def iter_documents(files: Sequence[Path], text_field: str = "text") -> Iterator[
                 raise UserError(f"{path} is not UTF-8 text: convert it, or leave it out of --data") from None
 
 
+def starts_with_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer begins every text with it (Gemma's, Llama 2's), else None: a teacher
+    trained that way expects it, so each document is given one, as the tokenizer itself would."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 def tokenize_documents(docs: Iterator[str], tokenizer, batch: int = 64) -> Iterator[list[int]]:
+    """Token ids of each non-empty document, with the BOS its tokenizer adds (but no EOS: packing adds it)."""
+    bos = starts_with_bos(tokenizer)
     pending: list[str] = []
     for doc in docs:
         if doc.strip():
             pending.append(doc)
         if len(pending) == batch:
-            yield from tokenizer(pending, add_special_tokens=False)["input_ids"]
+            for ids in tokenizer(pending, add_special_tokens=False)["input_ids"]:
+                yield [bos, *ids] if bos is not None else ids
             pending = []
     if pending:
-        yield from tokenizer(pending, add_special_tokens=False)["input_ids"]
+        for ids in tokenizer(pending, add_special_tokens=False)["input_ids"]:
+            yield [bos, *ids] if bos is not None else ids
 
 
 def pack(token_docs: Iterator[list[int]], seq_len: int, separator: int | None, packing: str,

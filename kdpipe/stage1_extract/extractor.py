@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import math
 import time
+
+import numpy as np
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
 from kdpipe.console import quiet_libraries, say
-from kdpipe.capture import find_blocks, parse_layers, self_attention, text_config
+from kdpipe.capture import parse_layers, text_config
 from kdpipe.errors import UserError
 from kdpipe.stage1_extract.corpus import expand_sources, iter_documents, pack, tokenize_documents
 from kdpipe.stage1_extract.engines import Ranks, load_deepspeed_teacher
-from kdpipe.stage1_extract.logits import LogitSpec
+from kdpipe.stage1_extract.logits import LogitSpec, head_transform
+from kdpipe.stage1_extract.probe import probe
 from kdpipe.stage1_extract.runner import UnitRunner
 from kdpipe.stage1_extract.teacher import (configure_threads, describe_teacher, describe_tokenizer, load_teacher,
-                                           load_tokenizer, resolve_teacher, saved_files, weights_fingerprint)
+                                           check_tokenizer, load_tokenizer, resolve_teacher, saved_files,
+                                           weights_fingerprint)
 from kdpipe.storage.fingerprint import data_fingerprint
 from kdpipe.storage.manifest import DataInfo, EngineInfo, Layout, Manifest, SignalSpec
 from kdpipe.storage.schema import array_specs, unit_range
@@ -131,6 +135,8 @@ def extract(cfg: ExtractConfig, model=None, tokenizer=None) -> ExtractResult:
 
 def _extract(cfg: ExtractConfig, source, files, ranks: Ranks, model, tokenizer) -> ExtractResult:
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer, source, cfg.trust_remote_code)
+    if cfg.tokenizer:
+        check_tokenizer(tokenizer, source, cfg.tokenizer, cfg.trust_remote_code)
     engine = EngineInfo(name=cfg.engine, device=cfg.device, world_size=ranks.world)
     if cfg.engine == "deepspeed":
         engine.zero_stage, engine.offload = 3, cfg.offload
@@ -141,6 +147,15 @@ def _extract(cfg: ExtractConfig, source, files, ranks: Ranks, model, tokenizer) 
     manifest, tokens, lengths = _plan(cfg, source, model, tokenizer, files, engine)
     tokenizer_files = saved_files(tokenizer)
     manifest.tokenizer.files = {name: len(data) for name, data in tokenizer_files.items()}
+    scale, softcap = head_transform(model)
+    spec = LogitSpec(top_k=cfg.top_k, temperatures=manifest.signals.temperatures,
+                     vocab_size=manifest.teacher.vocab_size, rows=cfg.logit_rows, sample_count=cfg.sample_count,
+                     sample_temperature=cfg.sample_temperature, seed=cfg.seed, scale=scale, softcap=softcap)
+    s = manifest.signals
+    checked = probe(model, spec, tokens[0], int(lengths[0]), s.attention_layers, s.attention_form, cfg.dtype)
+    s.attention_windows, s.attention_softcap = checked.windows, checked.softcap
+    if s.attention_layers:
+        s.attention_scaling = checked.scaling  # what the model's attention calls really use, read off them
 
     # rank 0 creates (or reopens) the store; the others open it once it exists, and all fail together
     group = ranks.first(lambda: prepare_store(cfg.out, manifest, tokens, lengths, cfg.resume, cfg.overwrite,
@@ -149,10 +164,6 @@ def _extract(cfg: ExtractConfig, source, files, ranks: Ranks, model, tokenizer) 
     pending = [u for u, done in enumerate(units_done(group)) if not done]
     mine = pending[ranks.rank::ranks.world]
 
-    spec = LogitSpec(top_k=cfg.top_k, temperatures=manifest.signals.temperatures,
-                     vocab_size=manifest.teacher.vocab_size, rows=cfg.logit_rows, sample_count=cfg.sample_count,
-                     sample_temperature=cfg.sample_temperature, seed=cfg.seed,
-                     softcap=getattr(text_config(model), "final_logit_softcapping", None))
     runner = UnitRunner(model, manifest, spec, cfg.batch_size)
     writer = UnitWriter(group, cfg.out)
     batches = [_batches(manifest, pending[r::ranks.world], cfg.batch_size) for r in range(ranks.world)]
@@ -204,6 +215,10 @@ def check_shape(cfg: ExtractConfig, layers: int | None, vocab: int | None, posit
 def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInfo):
     """Check the settings against the teacher, pack the corpus, and write down the manifest."""
     teacher = describe_teacher(model, source.name, cfg.dtype, weights_fingerprint(source))
+    if not teacher.causal:
+        raise UserError(f"{teacher.architecture} is an encoder (it attends to later tokens): kdpipe distills causal "
+                        f"decoders, whose students predict the next token; a bidirectional teacher's signals would "
+                        f"let the student see the future")
     check_shape(cfg, teacher.num_layers, teacher.vocab_size, teacher.max_positions)
     if len(tokenizer) > teacher.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the teacher only {teacher.vocab_size} "
@@ -216,6 +231,13 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
     docs = tokenize_documents(iter_documents(files, cfg.text_field), tokenizer)
     tokens, lengths, dropped = pack(docs, cfg.seq_len, eos, cfg.packing, pad, cfg.max_sequences, cfg.keep_tail)
+    unk = tokenizer.unk_token_id
+    if unk is not None:
+        valid = np.arange(cfg.seq_len)[None, :] < lengths[:, None]
+        share = float((tokens[valid] == unk).mean())
+        if share > 0.05:
+            say(f"{share:.1%} of the corpus tokenized to the unknown token {tokenizer.unk_token!r}: check that the "
+                f"tokenizer is the teacher's own, and that --data is text it knows")
     n = len(tokens)
 
     per_unit = cfg.sequences_per_unit
@@ -237,9 +259,6 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
         engine=engine,
     )
     manifest.layout.codecs = {spec.name: spec.preset for spec in array_specs(manifest)}
-    if attention_layers:
-        # the softmax scale the model uses; known before the first forward for the architectures we support
-        manifest.signals.attention_scaling = _attention_scaling(model, attention_layers[0])
     return manifest, tokens, lengths
 
 
@@ -252,10 +271,3 @@ def _with_unit_temperature(temperatures: list[float]) -> list[float]:
     into raw logits."""
     rest = [float(t) for t in temperatures if abs(t - 1.0) > 1e-9]
     return [1.0] + list(dict.fromkeys(rest))
-
-
-def _attention_scaling(model, layer: int) -> float:
-    module = self_attention(find_blocks(model)[layer - 1])
-    if module is None:
-        raise UserError(f"cannot find the attention scale of block {layer}")
-    return float(module.scaling)

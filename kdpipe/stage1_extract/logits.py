@@ -24,7 +24,31 @@ class LogitSpec:
     sample_count: int = 0
     sample_temperature: float = 1.0
     seed: int = 0
+    scale: float = 1.0  # what the model multiplies its head's output by (Granite, Cohere, Falcon-H1)
     softcap: float | None = None  # final-logit soft-capping (Gemma 2 style), applied as the model does
+
+
+# What transformers' causal-LM classes do to the head's output before returning it, by the attribute
+# that holds the constant (on the model, its inner model, or its config): multiply, or divide by it.
+# `kdpipe extract` checks the result against the model's own forward before writing anything
+# (stage1_extract.probe), so a transform missing here is refused by name, never stored wrong.
+SCALES = (("logit_scale", False), ("lm_head_multiplier", False), ("logits_scaling", True))
+SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap")
+
+
+def head_transform(model: nn.Module) -> tuple[float, float | None]:
+    """(scale, softcap) the model applies after its LM head: logits * scale, then tanh(x / c) * c."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    places = [model, getattr(model, "model", None), config]
+    scale, softcap = 1.0, None
+    for name, divide in SCALES:
+        value = next((getattr(p, name) for p in places if isinstance(getattr(p, name, None), (int, float))), None)
+        if value is not None and not isinstance(value, bool):
+            scale = scale / value if divide else scale * value
+    for name in SOFTCAPS:
+        value = next((getattr(p, name) for p in places if isinstance(getattr(p, name, None), (int, float))), None)
+        softcap = softcap or value
+    return float(scale), (float(softcap) if softcap else None)
 
 
 class LogitSignals:
@@ -51,6 +75,8 @@ class LogitSignals:
             self.sampled_counts = torch.empty(b, t, m, dtype=torch.int64, device=dev)
         for b0, b1, t0, t1 in _windows(b, t, spec.rows):
             logits = project(hidden[b0:b1, t0:t1]).float()
+            if spec.scale != 1.0:
+                logits.mul_(spec.scale)
             if spec.softcap:
                 logits = torch.tanh(logits / spec.softcap) * spec.softcap
             values, ids = logits.topk(k, dim=-1)

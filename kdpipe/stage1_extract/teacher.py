@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kdpipe.capture import find_blocks, self_attention, text_config
-from kdpipe.modelio import DTYPES, TeacherSource, load_teacher, resolve_teacher  # noqa: F401  (re-exported)
+from kdpipe.modelio import ALIASES, DTYPES, TeacherSource, load_teacher, resolve_teacher  # noqa: F401  (re-exported)
 from kdpipe.errors import UserError
 from kdpipe.storage.fingerprint import (config_fingerprint, files_fingerprint, tokenizer_fingerprint,
                                         vocab_fingerprint, weight_files)
@@ -20,7 +20,7 @@ from kdpipe.storage.manifest import TeacherInfo, TokenizerInfo
 def load_tokenizer(path: str | None, source: TeacherSource, trust_remote_code: bool = False):
     import transformers
 
-    if path and (path == "smollm2" or path.endswith(".gguf")):  # a GGUF file carries its tokenizer
+    if path and (path in ALIASES or path.endswith(".gguf")):  # a GGUF file carries its tokenizer
         source, path = resolve_teacher(path), None
     where = Path(path) if path else source.directory
     kwargs = {} if path else source.load_kwargs()
@@ -28,6 +28,20 @@ def load_tokenizer(path: str | None, source: TeacherSource, trust_remote_code: b
         return transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError, TypeError) as exc:
         raise UserError(f"cannot load a tokenizer from {where} ({type(exc).__name__}): pass --tokenizer") from None
+
+
+def check_tokenizer(tokenizer, source: TeacherSource, name: str, trust_remote_code: bool = False) -> None:
+    """A --tokenizer other than the teacher's own must map text to the same ids: the teacher reads ids, and
+    another vocabulary's ids would be other tokens to it. Compared with the teacher's own tokenizer where it
+    has one."""
+    try:
+        own = load_tokenizer(None, source, trust_remote_code)
+    except UserError:
+        return  # the teacher ships no tokenizer: the size check against its vocabulary still applies
+    if vocab_fingerprint(own.get_vocab()) != vocab_fingerprint(tokenizer.get_vocab()):
+        raise UserError(f"--tokenizer {name} has another vocabulary than the teacher's own tokenizer ({len(tokenizer)} "
+                        f"vs {len(own)} tokens, or the same tokens under other ids): the teacher would read its ids as "
+                        f"other tokens; leave --tokenizer out to use the teacher's")
 
 
 def saved_files(tokenizer) -> dict[str, bytes]:

@@ -213,8 +213,9 @@ def open_caches(paths: list[str], allow_partial: bool) -> list[TeacherCache]:
     return caches
 
 
-def check_teachers(caches: list[TeacherCache], methods) -> None:
-    """Every method's needs against every cache; logits across teachers need one vocabulary."""
+def check_teachers(caches: list[TeacherCache], methods, student_vocab: int | None = None) -> None:
+    """Every method's needs against every cache; the logits a method reads must be over the student's
+    vocabulary: the same tokenizer and the same number of logits, for every teacher."""
     if len(caches) > 1 and not any(mt.teacher_needs(i) != Needs() for mt in methods for i in range(1, len(caches))):
         raise UserError(f"{len(caches)} caches given but no chosen method reads more than one teacher: add a "
                         f"multi-teacher method (tmkd, mt_bert, rl_kd, uncertainty, dgkd) or pass one --cache")
@@ -222,6 +223,13 @@ def check_teachers(caches: list[TeacherCache], methods) -> None:
     for i, cache in enumerate(caches):
         check_needs(methods, cache.manifest, cache.path, i)
         reads_logits = any(mt.teacher_needs(i).topk or mt.teacher_needs(i).sampled for mt in methods)
-        if i and reads_logits and cache.manifest.tokenizer.vocab_sha256 != first.tokenizer.vocab_sha256:
-            raise UserError(f"{cache.path} and {caches[0].path} come from teachers with different vocabularies: "
-                            f"logit methods across teachers need one tokenizer")
+        if not reads_logits:
+            continue
+        m = cache.manifest
+        if i and (m.tokenizer.vocab_sha256 != first.tokenizer.vocab_sha256 or m.teacher.vocab_size != first.teacher.vocab_size):
+            raise UserError(f"{cache.path} and {caches[0].path} come from teachers with different vocabularies "
+                            f"({m.teacher.vocab_size} and {first.teacher.vocab_size} logits): logit methods across "
+                            f"teachers need one tokenizer and one vocabulary")
+        if student_vocab is not None and m.teacher.vocab_size != student_vocab:
+            raise UserError(f"the student has {student_vocab} logits but the teacher of {cache.path} has "
+                            f"{m.teacher.vocab_size}: logit distillation needs the same vocabulary")

@@ -61,15 +61,23 @@ def relation_kl(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor
     return (kl * rows).sum() / rows.sum().clamp_min(1)
 
 
-def causal_scores(q: torch.Tensor, k: torch.Tensor, scaling: float, heads_like: int | None = None) -> torch.Tensor:
-    """Pre-softmax attention scores [B, h, T, T] with the causally masked entries set to 0 (TinyBERT's
-    convention for masked scores). With `heads_like` set and a different head count, the head mean
-    [B, 1, T, T] is returned, so that models with different head counts can be compared."""
-    s = attention_scores(q, k, scaling)
-    s = s.masked_fill(~key_mask(s.shape[-2], s.shape[-1], True, None, s.device), 0.0)
+def causal_scores(q: torch.Tensor, k: torch.Tensor, scaling: float, heads_like: int | None = None,
+                  allowed: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Pre-softmax attention scores [B, h, T, T] with the masked entries set to 0 (TinyBERT's convention for
+    masked scores). `allowed` is the model's own mask (its sliding window; plain causal when None). With
+    `heads_like` set and a different head count, the head mean [B, 1, T, T] is returned, so that models
+    with different head counts can be compared."""
+    s = attention_scores(q, k, scaling, softcap)
+    s = s.masked_fill(~_allowed(s, allowed), 0.0)
     return s.mean(1, keepdim=True) if heads_like is not None and heads_like != s.shape[1] else s
 
 
-def causal_log_probs(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
-    s = attention_scores(q, k, scaling)
-    return F.log_softmax(s.masked_fill(~key_mask(s.shape[-2], s.shape[-1], True, None, s.device), float("-inf")), -1)
+def causal_log_probs(q: torch.Tensor, k: torch.Tensor, scaling: float, allowed: torch.Tensor | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
+    """Log attention distributions [B, h, T, T] under the model's own mask (`allowed`; causal when None)."""
+    s = attention_scores(q, k, scaling, softcap)
+    return F.log_softmax(s.masked_fill(~_allowed(s, allowed), float("-inf")), -1)
+
+
+def _allowed(scores: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    return key_mask(scores.shape[-2], scores.shape[-1], True, None, scores.device) if allowed is None else allowed

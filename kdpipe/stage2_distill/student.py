@@ -29,8 +29,13 @@ def _preset_config(teacher: TeacherInfo, overrides: dict[str, str]):
 
     if not teacher.config:
         raise UserError("this cache does not record the teacher's config: pass --student a config.json instead")
-    raw = {k: v for k, v in teacher.config.items() if k not in ("quantization_config", "_name_or_path")}
-    config = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
+    # the cache's copy of the teacher's config is input: nothing in it may point at code to run
+    raw = {k: v for k, v in teacher.config.items() if k not in ("quantization_config", "_name_or_path", "auto_map")}
+    try:
+        config = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"the cache's teacher config cannot build a student ({type(exc).__name__}: {exc}): pass "
+                        f"--student a config.json or a model directory") from None
     known = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
              "kv_heads": "num_key_value_heads", "intermediate": "intermediate_size"}
     unknown = set(overrides) - set(known)
@@ -58,7 +63,19 @@ def _preset_config(teacher: TeacherInfo, overrides: dict[str, str]):
         if key == "kv_heads" and not hasattr(config, "num_key_value_heads"):
             continue
         setattr(config, known[key], value)
+    if "layers" in values:
+        per_layer(config, teacher.num_layers, values["layers"])
     return config
+
+
+def per_layer(config, teacher_layers: int, layers: int) -> None:
+    """A student of fewer layers takes, of every per-layer setting (Gemma's and Qwen's `layer_types`: which
+    layers attend within a sliding window), the values of the teacher layers it is mapped to, so that its
+    config is consistent from the start (transformers refuses to save one that is not)."""
+    picks = [t - 1 for _, t in map_layers("uniform", layers, teacher_layers)]
+    for key, value in list(vars(config).items()):
+        if isinstance(value, (list, tuple)) and len(value) == teacher_layers and teacher_layers != layers:
+            setattr(config, key, type(value)(value[i] for i in picks))
 
 
 def build_student(spec: str, teacher: TeacherInfo, seed: int, init_from_teacher: str | None = None,
@@ -92,6 +109,7 @@ def build_student(spec: str, teacher: TeacherInfo, seed: int, init_from_teacher:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
         pretrained = True
         what = f"pretrained {spec}"
+    _check_saveable(model)
     vocab = model.get_output_embeddings().weight.shape[0]
     if vocab != teacher.vocab_size:
         raise UserError(f"the student's vocabulary has {vocab} entries but the teacher's has {teacher.vocab_size}: "
@@ -105,6 +123,19 @@ def build_student(spec: str, teacher: TeacherInfo, seed: int, init_from_teacher:
         size = albert["embedding"] if albert["embedding"] >= 0 else min(128, text_config(model).hidden_size // 2)
         what += ", " + albertize(model, size, albert["share"])
     return Student(model=model, description=what, pretrained=pretrained)
+
+
+def _check_saveable(model: nn.Module) -> None:
+    """Save the student's config once before training: a config transformers will not save would otherwise
+    fail only after the last step, with the run's result unsaved."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model.config.save_pretrained(tmp)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"the student's config is not consistent ({exc}): set its layers, heads and widths so that "
+                        f"they agree") from None
 
 
 def _albert_options(overrides: dict[str, str]) -> dict[str, int]:

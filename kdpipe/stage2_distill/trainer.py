@@ -149,11 +149,13 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
     ctx = Context(teacher=m.teacher, temperatures=m.signals.temperatures, student_layers=scfg.num_hidden_layers,
                   student_hidden=scfg.hidden_size, total_steps=cfg.steps, student_pretrained=student.pretrained,
                   teacher_attention_scaling=m.signals.attention_scaling, cached_hidden=list(m.signals.hidden_layers),
+                  teacher_windows={x: m.window(x) for x in m.signals.attention_layers},
+                  teacher_attention_softcap=m.signals.attention_softcap,
                   teachers=[c.manifest.teacher for c in caches],
                   teacher_hidden=[list(c.manifest.signals.hidden_layers) for c in caches],
                   teacher_temperatures=[list(c.manifest.signals.temperatures) for c in caches])
     methods = build_methods(cfg.method, ctx)
-    check_teachers(caches, methods)
+    check_teachers(caches, methods, model.get_output_embeddings().weight.shape[0])
     for method in methods:
         method.to(device)
     split = Split.choose(cache, cfg.eval_sequences, cfg.seed, warn=say)
@@ -165,13 +167,15 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
         raise UserError(f"{len(split.train_units)} training units cannot be split over {world} ranks: extract with "
                         f"a smaller --sequences-per-unit")
     params = [p for p in model.parameters()] + [p for mt in methods for p in mt.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine = None
     if cfg.deepspeed:
         from kdpipe.stage2_distill.zero import wrap_student
 
-        engine = wrap_student(model, optimizer, cfg.deepspeed, cfg.batch_size, cfg.grad_accum, cfg.clip, cfg.device)
+        engine, optimizer = wrap_student(model, methods, cfg.lr, cfg.weight_decay, cfg.deepspeed, cfg.batch_size,
+                                         cfg.grad_accum, cfg.clip, cfg.device)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
     ckpt_dir = run.path / "checkpoints"
     state = checkpoint.restore_training(ckpt_dir, model, methods, optimizer, scheduler, engine) if cfg.resume else None
@@ -212,7 +216,8 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
                     logits = model(input_ids=batch.input_ids, attention_mask=batch.mask.long() if padded else None,
                                    use_cache=False).logits
                     outputs = StudentOutput(logits=logits, hidden=dict(cap.hidden), factors=dict(cap.attention),
-                                            scaling=cap.scaling, run=run_student)
+                                            scaling=cap.scaling, masks=dict(cap.masks), softcaps=dict(cap.softcaps),
+                                            run=run_student)
                     terms = {f"{mt.name}/{k}": mt.weight * v for mt in methods
                              for k, v in mt.loss(batch, outputs, step).items()}
                     loss = sum(terms.values())

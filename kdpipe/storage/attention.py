@@ -12,19 +12,26 @@ def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x if rep == 1 else x.repeat_interleave(rep, dim=1)
 
 
-def attention_scores(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Pre-softmax scores Q K^T * scaling in float32, [B, h, Tq, Tk]."""
+def attention_scores(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """Pre-softmax scores Q K^T * scaling in float32, [B, h, Tq, Tk], soft-capped as the model does
+    (Gemma 2: tanh(s / c) * c)."""
     k = repeat_kv(k, q.shape[1])
-    return torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
+    return torch.tanh(scores / softcap) * softcap if softcap else scores
 
 
 def key_mask(
-    tq: int, tk: int, causal: bool, lengths: torch.Tensor | None, device: torch.device | None = None
+    tq: int, tk: int, causal: bool, lengths: torch.Tensor | None, device: torch.device | None = None,
+    window: int = 0,
 ) -> torch.Tensor | None:
-    """Boolean [B or 1, 1, Tq, Tk] mask of allowed keys (True = attend), or None when all are."""
+    """Boolean [B or 1, 1, Tq, Tk] mask of allowed keys (True = attend), or None when all are. `window`:
+    a sliding window (Mistral, Gemma's local layers): query i sees keys i - window + 1 .. i only."""
     mask = None
     if causal:
-        mask = torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)[None, None]
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)
+        if window:
+            mask &= ~torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq - window)
+        mask = mask[None, None]
     if lengths is not None:
         valid = torch.arange(tk, device=device)[None, :] < lengths.to(device)[:, None]
         valid = valid[:, None, None, :]
@@ -41,8 +48,23 @@ def probs_from_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.
 
 
 def attention_probs(
-    q: torch.Tensor, k: torch.Tensor, scaling: float, causal: bool, lengths: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, scaling: float, causal: bool, lengths: torch.Tensor | None = None,
+    window: int = 0, softcap: float | None = None,
 ) -> torch.Tensor:
-    """Post-softmax attention [B, h, T, T] from post-RoPE queries and keys."""
-    mask = key_mask(q.shape[2], k.shape[2], causal, lengths, q.device)
-    return probs_from_scores(attention_scores(q, k, scaling), mask)
+    """Post-softmax attention [B, h, T, T] from post-RoPE queries and keys, under the model's own mask."""
+    mask = key_mask(q.shape[2], k.shape[2], causal, lengths, q.device, window)
+    return probs_from_scores(attention_scores(q, k, scaling, softcap), mask)
+
+
+def window_of(allowed: torch.Tensor | None) -> int | None:
+    """The sliding window a [.., T, T] allowed-key mask (one sequence, no padding) describes: 0 for plain
+    causal attention, w for a window of w keys, None for any other pattern."""
+    if allowed is None:
+        return 0
+    allowed = allowed.reshape(-1, *allowed.shape[-2:])[0].bool().cpu()
+    t = allowed.shape[-1]
+    w = int(allowed.sum(-1).max())
+    band = key_mask(t, t, True, None, window=0 if w >= t else w)[0, 0]
+    if torch.equal(allowed, band):
+        return 0 if w >= t else w
+    return None

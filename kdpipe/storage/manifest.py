@@ -76,6 +76,8 @@ class SignalSpec:
     attention_form: str | None = None  # "probs" or "factors"
     attention_dtype: str = "float16"  # probs only: "float16" or "uint8" (p * 255, rounded)
     attention_scaling: float | None = None  # softmax scale of Q K^T, needed to recompute from factors
+    attention_windows: list[int] = field(default_factory=list)  # per attention layer: sliding window, 0 = causal
+    attention_softcap: float | None = None  # attention soft-capping (Gemma 2), applied when rebuilding
     interchange_layers: list[int] = field(default_factory=list)  # DIITO: teacher layers of the interventions
     interchange_rate: float = 0.0  # DIITO: interchanged span, as a fraction of the shorter sequence
 
@@ -157,14 +159,24 @@ class Manifest:
             (s.attention_form in (None, "probs", "factors") and s.hidden_dtype in ("float16", "bfloat16")
              and s.attention_dtype in ("float16", "uint8"), "signals dtypes"),
             (d.packing in ("packed", "padded"), "data.packing"),
+            (len(s.attention_windows) in (0, len(s.attention_layers)) and all(w >= 0 for w in s.attention_windows),
+             "signals.attention_windows"),
             (all(SAFE_NAME.match(n) and size > 0 for n, size in self.tokenizer.files.items()), "tokenizer.files"),
         ]
         for ok, what in checks:
             if not ok:
                 raise ValueError(f"{what} out of range")
 
+    def window(self, layer: int) -> int:
+        """The sliding window of attention layer `layer` (0: plain causal; caches before windows were
+        recorded hold none)."""
+        s = self.signals
+        return s.attention_windows[s.attention_layers.index(layer)] if s.attention_windows else 0
+
     def identity(self) -> dict[str, Any]:
         """What must match for `--resume` to continue this store: everything that shapes its bytes."""
+        signals = dataclasses.asdict(self.signals)
+        signals["attention_windows"] = [self.window(x) for x in self.signals.attention_layers]
         return {
             "teacher.config_sha256": self.teacher.config_sha256,
             "teacher.weights_sha256": self.teacher.weights_sha256,
@@ -174,7 +186,7 @@ class Manifest:
             "data.fingerprint": self.data.fingerprint,
             "data.seq_len": self.data.seq_len,
             "data.packing": self.data.packing,
-            "signals": dataclasses.asdict(self.signals),
+            "signals": signals,
             "layout": dataclasses.asdict(self.layout),
         }
 

@@ -152,7 +152,8 @@ class TeacherCache:
         q, k, _ = self.attention_factors(layer, index)
         lengths = None if self.manifest.data.packing == "packed" else torch.from_numpy(self.lengths(index))
         probs = attention_probs(torch.from_numpy(q), torch.from_numpy(k), s.attention_scaling,
-                                self.manifest.teacher.causal, lengths)
+                                self.manifest.teacher.causal, lengths, self.manifest.window(layer),
+                                s.attention_softcap)
         return probs.numpy()
 
     def _check_attention(self, layer: int, form: str) -> None:

@@ -59,6 +59,8 @@ class StudentOutput:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # student layer -> [B, T, H_s]
     factors: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # student block -> (q, k, v)
     scaling: float | None = None  # the student's softmax scale of Q K^T
+    masks: dict[int, torch.Tensor | None] = field(default_factory=dict)  # student block -> its own allowed keys
+    softcaps: dict[int, float | None] = field(default_factory=dict)  # student block -> attention soft-capping
     # run(input_ids, mask, edits, hidden_layers) -> (logits, hidden): another student forward with hidden
     # states edited (see capture.Capture), for methods that intervene (Theseus, DIITO)
     run: Callable[..., tuple[torch.Tensor, dict[int, torch.Tensor]]] | None = None
@@ -74,10 +76,18 @@ class Context:
     total_steps: int
     student_pretrained: bool = False
     teacher_attention_scaling: float | None = None  # softmax scale of the teacher's Q K^T (from the manifest)
+    teacher_windows: dict[int, int] = field(default_factory=dict)  # teacher block -> sliding window (0: causal)
+    teacher_attention_softcap: float | None = None
     cached_hidden: list[int] = field(default_factory=list)  # teacher hidden layers the cache holds
     teachers: list[TeacherInfo] = field(default_factory=list)  # every --cache's teacher; [0] is `teacher`
     teacher_hidden: list[list[int]] = field(default_factory=list)  # hidden layers each cache holds
     teacher_temperatures: list[list[float]] = field(default_factory=list)  # temperatures each cache holds
+
+    def teacher_mask(self, layer: int, t: int, device) -> torch.Tensor:
+        """The allowed keys of teacher block `layer` over T tokens: causal, within its sliding window."""
+        from kdpipe.storage.attention import key_mask
+
+        return key_mask(t, t, True, None, device, self.teacher_windows.get(layer, 0))
 
     def intermediate_hidden(self) -> list[int]:
         """The teacher's intermediate layers (1..L-1) the cache holds: what "all layers" methods use."""

@@ -44,12 +44,14 @@ class MiniLM(BlockPairMethod):
     def loss(self, batch, out, step):
         t_layer, s_layer = self.block_pair()
         sq, sk, sv = out.factors[s_layer]
-        s_logp = causal_log_probs(sq, sk, out.scaling)
+        s_logp = causal_log_probs(sq, sk, out.scaling, out.masks.get(s_layer), out.softcaps.get(s_layer))
         if not self.params["alpha_vr"]:  # distributions only: either cached form
             return {"at": self.params["alpha_at"] * _attention_kl(batch.attention[t_layer].log(), s_logp, batch.mask),
                     "vr": s_logp.new_zeros(())}
         tq, tk, tv = batch.factors[t_layer]
-        at = _attention_kl(causal_log_probs(tq, tk, self.ctx.teacher_attention_scaling), s_logp, batch.mask)
+        t_mask = self.ctx.teacher_mask(t_layer, tq.shape[2], tq.device)
+        at = _attention_kl(causal_log_probs(tq, tk, self.ctx.teacher_attention_scaling, t_mask,
+                                            self.ctx.teacher_attention_softcap), s_logp, batch.mask)
         heads = sq.shape[1] if sq.shape[1] == tq.shape[1] else min(sq.shape[1], tq.shape[1])
         vr = relation_kl(relation_logits(tv, heads, tq.shape[1]), relation_logits(sv, heads, sq.shape[1]), batch.mask)
         return {"at": self.params["alpha_at"] * at, "vr": self.params["alpha_vr"] * vr}

@@ -51,5 +51,6 @@ class MobileBERT(Method):
             fmt = fmt + hidden_mse(self.project(out.hidden[s].float()), batch.hidden[t], batch.mask)
             sq, sk, _ = out.factors[s]
             t_logp = batch.attention[t].log()  # log 0 = -inf at masked keys: they contribute 0
-            at = at + _attention_kl(t_logp, causal_log_probs(sq, sk, out.scaling), batch.mask)
+            s_logp = causal_log_probs(sq, sk, out.scaling, out.masks.get(s), out.softcaps.get(s))
+            at = at + _attention_kl(t_logp, s_logp, batch.mask)
         return {"fmt": self.params["alpha_fmt"] * fmt, "at": self.params["alpha_at"] * at}

@@ -65,5 +65,6 @@ class SID(Method):
             cos = cos + (1 - F.cosine_similarity(s_vec, t_vec, dim=-1)).mean()
             if p["alpha_att"]:
                 sq, sk, _ = out.factors[s]
-                att = att + _attention_kl(batch.attention[t].log(), causal_log_probs(sq, sk, out.scaling), batch.mask)
+                s_logp = causal_log_probs(sq, sk, out.scaling, out.masks.get(s), out.softcaps.get(s))
+                att = att + _attention_kl(batch.attention[t].log(), s_logp, batch.mask)
         return {"cos": cos, "att": p["alpha_att"] * att, "kd": zero}

@@ -64,8 +64,9 @@ class TinyBERT(Method):
             for s, t in self.pairs:
                 sq, sk, _ = out.factors[s]
                 tq, tk, _ = batch.factors[t]
-                s_scores = causal_scores(sq, sk, out.scaling, heads_like=tq.shape[1])
-                t_scores = causal_scores(tq, tk, t_scale, heads_like=sq.shape[1])
+                s_scores = causal_scores(sq, sk, out.scaling, tq.shape[1], out.masks.get(s), out.softcaps.get(s))
+                t_scores = causal_scores(tq, tk, t_scale, sq.shape[1], self.ctx.teacher_mask(t, tq.shape[2], tq.device),
+                                         self.ctx.teacher_attention_softcap)
                 att = att + F.mse_loss(s_scores, t_scores)
             terms["att"] = p["alpha_att"] * att
         if p["alpha_pred"]:
