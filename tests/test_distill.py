@@ -120,6 +120,29 @@ def test_missing_signals_name_the_extract_flags(sharp, corpus, tmp_path):
         run(bare, tmp_path / "t2", "kd:temprature=2", steps=1)
 
 
+def test_a_cache_from_before_the_tail_and_draw_arrays_still_trains(sharp, tmp_path):
+    """Caches written before kdpipe 0.4 lack logits/logtail and sampled/logprobs: they verify and train (the tail
+    recovered from the top-k), and only what needs a new array, draws at T=1 weighted for T=2, names it."""
+    import zarr
+
+    _, cache = sharp
+    old = tmp_path / "old"
+    shutil.copytree(cache, old)
+    store = zarr.open_group(str(old), mode="r+")
+    raw = dict(store.attrs["kdpipe"])
+    raw["signals"] = {k: v for k, v in raw["signals"].items() if k not in ("logtail", "sampled_logprobs")}
+    store.attrs["kdpipe"] = raw
+    shutil.rmtree(old / "logits" / "logtail")
+    shutil.rmtree(old / "sampled" / "logprobs")
+    assert kdpipe("verify", str(old)).exit_code == 0
+    new, before = run(cache, tmp_path / "new", steps=3), run(old, tmp_path / "a", steps=3)
+    assert abs(before["final"]["eval/kl_teacher"] - new["final"]["eval/kl_teacher"]) < 1e-3  # tails are not tiny here
+    run(old, tmp_path / "b", "kd:estimator=sampled", steps=2)
+    with pytest.raises(UserError, match=r"method kd needs.*--sample-count 8 \(the cache predates the drawn ids' "
+                                        r"log-probabilities that weight draws made at T=1 for T=2"):
+        run(old, tmp_path / "c", "kd:estimator=sampled,temperature=2", steps=1)
+
+
 def test_kdpipe_eval_reproduces_the_run_metrics(sharp, tmp_path):
     _, cache = sharp
     r = run(cache, tmp_path / "run", steps=5, eval_sequences=12)  # 3 held-out units, not contiguous in general

@@ -56,6 +56,10 @@ def test_signals_match_the_models_own_forward(arch, teachers, corpus, tmp_path):
     assert (np.diff(values, axis=-1) <= 0).all(), "top-k must be sorted descending"
     for i, temp in enumerate([1.0, 2.0]):
         np.testing.assert_allclose(lse[..., i], torch.logsumexp(logits / temp, -1).numpy(), rtol=1e-5, atol=1e-5)
+        # the mass outside the top-k, against float64 over the model's own logits
+        logq = torch.log_softmax(logits.double() / temp, -1)
+        tail = logq.scatter(-1, torch.from_numpy(ids), float("-inf")).logsumexp(-1)
+        np.testing.assert_allclose(cache.logtail()[..., i], tail.numpy(), rtol=1e-4, atol=1e-5)
 
     for layer in range(cache.manifest.teacher.num_layers + 1):
         want = ref.hidden_states[layer].numpy()
@@ -132,7 +136,8 @@ def test_logit_slices_do_not_change_results(teachers, corpus, tmp_path):
     """Projecting 8 positions at a time (pieces of one sequence) equals projecting many sequences at once."""
     a = run(teachers["gpt2"], corpus, tmp_path / "a", logit_rows=8, sample_count=4)
     b = run(teachers["gpt2"], corpus, tmp_path / "b", logit_rows=4096, sample_count=4, batch_size=3)
-    for x, y in zip(a.topk() + a.sampled(), b.topk() + b.sampled()):
+    for x, y in zip(a.topk() + a.sampled() + (a.logtail(), a.sampled_logprobs()),
+                    b.topk() + b.sampled() + (b.logtail(), b.sampled_logprobs())):
         np.testing.assert_array_equal(x, y)
 
 
@@ -145,6 +150,10 @@ def test_sampled_logits_follow_the_teacher_distribution(temperature, teachers, c
     probs = torch.softmax(ref.logits.float() / temperature, -1).numpy()
     ids, counts = cache.sampled()
     assert (counts.sum(-1) == m).all()
+    # each drawn id's T=1 log-probability, what weights the draws for another temperature (float16)
+    used = counts > 0
+    want = torch.log_softmax(ref.logits.float(), -1).gather(-1, torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(cache.sampled_logprobs()[used], want[used], rtol=2e-3, atol=2e-3)
     assert (np.diff(counts, axis=-1) <= 0).all(), "unique ids are stored by count, descending"
     for n, t in [(0, 0), (0, 17), (1, 31)]:
         used = counts[n, t] > 0

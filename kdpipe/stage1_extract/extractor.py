@@ -249,6 +249,7 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
                       num_tokens=int(lengths.sum()), dropped_tokens=dropped),
         signals=SignalSpec(top_k=cfg.top_k, temperatures=_with_unit_temperature(cfg.temperatures),
                            sample_count=cfg.sample_count, sample_temperature=cfg.sample_temperature, seed=cfg.seed,
+                           logtail=True, sampled_logprobs=bool(cfg.sample_count),
                            hidden_layers=hidden_layers, hidden_dtype=cfg.hidden_dtype,
                            hidden_keepbits=cfg.hidden_keepbits, attention_layers=attention_layers,
                            attention_form=cfg.attention_form if attention_layers else None,

@@ -53,26 +53,28 @@ def head_transform(model: nn.Module) -> tuple[float, float | None]:
 
 class LogitSignals:
     """Outputs of one forward pass: topk ids and log-probabilities at T=1 [B, T, k] (temperatures[0] must be
-    1), logsumexp [B, T, n_temps], and when
-    sampling, unique ids and counts [B, T, m] (ids by count, descending; unused slots have count 0)."""
+    1), logsumexp and the log-mass outside the top-k [B, T, n_temps], and when sampling, unique ids, their
+    counts and their T=1 log-probabilities [B, T, m] (ids by count, descending; unused slots have count 0)."""
 
     def __init__(self, spec: LogitSpec):
         self.spec = spec
-        self.topk_ids = self.topk_values = self.logsumexp = None
-        self.sampled_ids = self.sampled_counts = None
+        self.topk_ids = self.topk_values = self.logsumexp = self.logtail = None
+        self.sampled_ids = self.sampled_counts = self.sampled_logprobs = None
 
     def compute(self, hidden: torch.Tensor, project, sequence_ids: Sequence[int]) -> None:
         spec = self.spec
         b, t, _ = hidden.shape
-        k = spec.top_k
+        k, n_temps = spec.top_k, len(spec.temperatures)
         m = min(spec.sample_count, spec.vocab_size)
         dev = hidden.device
         self.topk_ids = torch.empty(b, t, k, dtype=torch.int64, device=dev)
         self.topk_values = torch.empty(b, t, k, dtype=torch.float32, device=dev)
-        self.logsumexp = torch.empty(b, t, len(spec.temperatures), dtype=torch.float32, device=dev)
+        self.logsumexp = torch.empty(b, t, n_temps, dtype=torch.float32, device=dev)
+        self.logtail = torch.empty(b, t, n_temps, dtype=torch.float32, device=dev)
         if m:
             self.sampled_ids = torch.empty(b, t, m, dtype=torch.int64, device=dev)
             self.sampled_counts = torch.empty(b, t, m, dtype=torch.int64, device=dev)
+            self.sampled_logprobs = torch.empty(b, t, m, dtype=torch.float32, device=dev)
         for b0, b1, t0, t1 in _windows(b, t, spec.rows):
             logits = project(hidden[b0:b1, t0:t1]).float()
             if spec.scale != 1.0:
@@ -80,37 +82,44 @@ class LogitSignals:
             if spec.softcap:
                 logits = torch.tanh(logits / spec.softcap) * spec.softcap
             values, ids = logits.topk(k, dim=-1)
-            top = values[..., :1]  # the row maximum, so logsumexp needs no pass of its own to find it
+            top = values[..., :1]  # the row maximum: every exp below is of a value <= 0
             shifted = logits.sub_(top)  # in place: the slice's raw logits are not needed again
-            for i, temp in enumerate(spec.temperatures[1:], 1):
-                tail = (shifted / temp).exp().sum(-1, keepdim=True).log()
-                self.logsumexp[b0:b1, t0:t1, i] = (top / temp + tail)[..., 0]
-            weights = (shifted / spec.sample_temperature).exp() if m and spec.sample_temperature != 1 else None
-            unnormalized = shifted.exp_()  # p * Z at T=1, again in place
-            lse = top + unnormalized.sum(-1, keepdim=True).log()
-            self.logsumexp[b0:b1, t0:t1, 0] = lse[..., 0]
+            drawn = self._sample(shifted, b0, t0, sequence_ids) if m else None
+            # The top-k and the rest are summed apart, so the tail mass is a sum of its own terms, exact
+            # down to ~1e-38, not 1 - sum(top-k), which float32 cannot resolve below ~1e-7.
+            head = values - top
+            rest = shifted.scatter_(-1, ids, float("-inf"))  # in place again
+            for i, temp in enumerate(spec.temperatures):
+                head_sum = (head / temp).exp().sum(-1)  # >= 1: the maximum contributes exp(0)
+                tail_sum = (rest / temp if temp != 1 else rest).exp().sum(-1)
+                total = (head_sum + tail_sum).log()
+                self.logsumexp[b0:b1, t0:t1, i] = top[..., 0] / temp + total
+                self.logtail[b0:b1, t0:t1, i] = tail_sum.log() - total
+            lse = self.logsumexp[b0:b1, t0:t1, :1]
             # stored as log-probabilities: float16 resolves them near 0, where the mass is; raw logits of
             # ~20 would be off by up to 1/64 and the top-k mass could exceed 1
             self.topk_values[b0:b1, t0:t1] = values - lse
             self.topk_ids[b0:b1, t0:t1] = ids
-            if m:
-                weights = unnormalized if weights is None else weights
-                for j in range(b0, b1):
-                    self._sample(weights[j - b0], j, t0, sequence_ids[j])
+            if drawn is not None:
+                self.sampled_logprobs[b0:b1, t0:t1] = drawn + top - lse
 
-    def _sample(self, weights: torch.Tensor, row: int, t0: int, sequence_id: int) -> None:
-        """m draws per position from unnormalized probabilities [T, V]; the generator is seeded per sequence,
-        so results do not depend on the batch size, the rank or a resume."""
+    def _sample(self, shifted: torch.Tensor, b0: int, t0: int, sequence_ids: Sequence[int]) -> torch.Tensor:
+        """m draws per position from the teacher at the sampling temperature, by rows of one sequence (the
+        generator is seeded per sequence, so results do not depend on the batch size, the rank or a resume);
+        returns the drawn ids' shifted logits (logit - row maximum), for their log-probabilities."""
         spec = self.spec
-        if t0 == 0:
-            self._generator = torch.Generator(device=weights.device)
-            self._generator.manual_seed(spec.seed * 1_000_003 + int(sequence_id))
-        draws = torch.multinomial(weights, spec.sample_count, replacement=True, generator=self._generator)
-        counts = torch.zeros_like(weights).scatter_add_(1, draws, torch.ones_like(draws, dtype=weights.dtype))
-        top_counts, top_ids = counts.topk(min(spec.sample_count, counts.shape[-1]), dim=-1)
-        t1 = t0 + weights.shape[0]
-        self.sampled_ids[row, t0:t1] = torch.where(top_counts > 0, top_ids, 0)
-        self.sampled_counts[row, t0:t1] = top_counts.long()
+        weights = (shifted / spec.sample_temperature).exp()
+        t1 = t0 + shifted.shape[1]
+        for j in range(shifted.shape[0]):
+            if t0 == 0:
+                self._generator = torch.Generator(device=shifted.device)
+                self._generator.manual_seed(spec.seed * 1_000_003 + int(sequence_ids[b0 + j]))
+            draws = torch.multinomial(weights[j], spec.sample_count, replacement=True, generator=self._generator)
+            counts = torch.zeros_like(weights[j]).scatter_add_(1, draws, torch.ones_like(draws, dtype=weights.dtype))
+            top_counts, top_ids = counts.topk(min(spec.sample_count, counts.shape[-1]), dim=-1)
+            self.sampled_ids[b0 + j, t0:t1] = torch.where(top_counts > 0, top_ids, 0)
+            self.sampled_counts[b0 + j, t0:t1] = top_counts.long()
+        return shifted.gather(-1, self.sampled_ids[b0:b0 + shifted.shape[0], t0:t1])
 
 
 def _windows(b: int, t: int, rows: int):

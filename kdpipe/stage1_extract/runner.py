@@ -73,9 +73,13 @@ class UnitRunner:
         s, sig = self.m.signals, self.signals
         ids, values = self._topk_arrays()
         out = {"logits/topk_ids": ids, "logits/topk_values": values, "logits/logsumexp": sig.logsumexp.cpu().numpy()}
+        if s.logtail:  # a cache begun by an older kdpipe is resumed in its own format
+            out["logits/logtail"] = sig.logtail.cpu().numpy()
         if s.sample_count:
             out["sampled/ids"] = sig.sampled_ids.cpu().numpy().astype(self.ids_dtype)
             out["sampled/counts"] = sig.sampled_counts.cpu().numpy().astype(np.uint16)
+            if s.sampled_logprobs:
+                out["sampled/logprobs"] = sig.sampled_logprobs.to(torch.float16).cpu().numpy()
         for layer in s.hidden_layers:
             out[hidden_name(layer)] = self._hidden(layer, self.capture.hidden[layer])
         for layer in s.attention_layers:

@@ -53,6 +53,7 @@ class Split:
 
 def merge_needs(needs: list[Needs]) -> Needs:
     return Needs(topk=any(n.topk for n in needs), sampled=any(n.sampled for n in needs),
+                 sampled_at=sorted({t for n in needs for t in n.sampled_at}),
                  hidden=sorted({layer for n in needs for layer in n.hidden}),
                  factors=sorted({layer for n in needs for layer in n.factors}),
                  attention=sorted({layer for n in needs for layer in n.attention}),
@@ -75,8 +76,14 @@ class UnitReader:
                       "sequence_ids": np.arange(index.start, index.stop)}
             if self.needs.topk:
                 arrays["topk_ids"], arrays["topk_logprobs"], arrays["logsumexp"] = self.cache.topk_logprobs(index)
+                if self.cache.manifest.signals.logtail:
+                    arrays["logtail"] = self.cache.logtail(index)
             if self.needs.sampled:
                 arrays["sampled_ids"], arrays["sampled_counts"] = self.cache.sampled(index)
+                if self.cache.manifest.signals.sampled_logprobs:
+                    arrays["sampled_logprobs"] = self.cache.sampled_logprobs(index)
+                if "logsumexp" not in arrays:  # the importance weights at another temperature use them
+                    arrays["logsumexp"] = self.cache.logsumexp(index)
             for layer in self.needs.hidden:
                 arrays[f"hidden/{layer}"] = self.cache.hidden(layer, index)
             for layer in self.needs.attention:
@@ -101,7 +108,8 @@ class UnitReader:
             input_ids=pick["input_ids"].long(),
             mask=torch.arange(t)[None, :] < pick["length"][:, None],
             topk_ids=pick.get("topk_ids"), topk_logprobs=pick.get("topk_logprobs"), logsumexp=pick.get("logsumexp"),
-            sampled_ids=pick.get("sampled_ids"), sampled_counts=pick.get("sampled_counts"),
+            logtail=pick.get("logtail"), sampled_ids=pick.get("sampled_ids"), sampled_counts=pick.get("sampled_counts"),
+            sampled_logprobs=pick.get("sampled_logprobs"),
             hidden={int(k.split("/")[1]): v for k, v in pick.items() if k.startswith("hidden/")},
             attention={int(k.split("/")[1]): v for k, v in pick.items() if k.startswith("attention/")},
             factors={layer: tuple(pick[f"factors/{layer}/{p}"] for p in "qkv")

@@ -34,7 +34,8 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device, p
         n = batch.mask.sum().item()
         n_lm = batch.mask[:, 1:].sum().item()
         ce_sum += lm_loss(logits, batch.input_ids, batch.mask).item() * n_lm
-        kl_sum += bucket_kl(logits, batch.topk_ids, batch.topk_logprobs, 1.0, batch.mask).item() * n
+        tail = None if batch.logtail is None else batch.logtail[..., 0]
+        kl_sum += bucket_kl(logits, batch.topk_ids, batch.topk_logprobs, 1.0, batch.mask, t_logtail=tail).item() * n
         agree += ((logits.argmax(-1) == batch.topk_ids[..., 0]) & batch.mask).sum().item()
         positions += n
         lm_positions += n_lm

@@ -38,23 +38,38 @@ def tail_logmass(logp: torch.Tensor) -> torch.Tensor:
     return _log1mexp(torch.logsumexp(logp, -1).clamp(max=0))
 
 
+def student_topk_and_tail(student_logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0):
+    """The student's log-probabilities at `temperature` of the given tokens [B, T, k], and its log-mass on all
+    the others [B, T] (None when the tokens are the whole vocabulary). The tail is a logsumexp over the logits
+    outside the tokens, never log(1 - sum of the top-k): that difference cancels in float32 once the tail is
+    below ~1e-7, and its gradient vanishes or points the wrong way."""
+    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    topk = logq.gather(-1, ids)
+    if ids.shape[-1] >= logq.shape[-1]:
+        return topk, None
+    return topk, logq.scatter(-1, ids, float("-inf")).logsumexp(-1)
+
+
 def bucket_kl(student_logits: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor, temperature: float = 1.0,
-              mask: torch.Tensor | None = None, per_sequence: bool = False) -> torch.Tensor:
+              mask: torch.Tensor | None = None, per_sequence: bool = False,
+              t_logtail: torch.Tensor | None = None) -> torch.Tensor:
     """Exact (k+1)-bucket KL(p || q): the k stored tokens, plus one bucket for all the others.
 
-    The teacher's probabilities of the stored tokens are exact (through the full-vocabulary logsumexp),
-    so its tail mass 1 - sum(p_topk) is known. Coarsening both distributions the same way can only lower
-    the KL (data-processing inequality): this is a lower bound of the full KL, equal to it when k = V.
+    The teacher's probabilities of the stored tokens are exact (through the full-vocabulary logsumexp) and its
+    log tail mass `t_logtail` [B, T] at `temperature` is stored at extraction, summed over the full logits
+    (caches from before kdpipe 0.4 lack it: then it is recovered as log(1 - sum p), right for tails above
+    ~1e-4 only). Coarsening both distributions the same way can only lower the KL (data-processing
+    inequality): this is a lower bound of the full KL, equal to it when k = V.
     """
-    s_logq = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    s_topk = s_logq.gather(-1, ids)
+    s_topk, s_tail = student_topk_and_tail(student_logits, ids, temperature)
     t_logp = t_logp.float()
-    p = t_logp.exp()
-    kl_topk = (p * (t_logp - s_topk)).sum(-1)
-    t_tail, s_tail = tail_logmass(t_logp), tail_logmass(s_topk)
-    p_tail = t_tail.exp()
-    kl_tail = torch.where(p_tail > 1e-6, p_tail * (t_tail - s_tail), torch.zeros_like(p_tail))
-    return masked_mean(kl_topk + kl_tail, mask, per_sequence)
+    kl = (t_logp.exp() * (t_logp - s_topk)).sum(-1)
+    if s_tail is not None:
+        t_tail = tail_logmass(t_logp) if t_logtail is None else t_logtail.float()
+        p_tail = t_tail.exp()
+        # a tail that underflowed to 0 contributes 0, with a zero (not NaN) gradient
+        kl = kl + p_tail * (torch.where(p_tail > 0, t_tail, torch.zeros_like(t_tail)) - s_tail)
+    return masked_mean(kl, mask, per_sequence)
 
 
 def renormalized_topk_kl(student_logits: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor,
@@ -69,15 +84,44 @@ def renormalized_topk_kl(student_logits: torch.Tensor, ids: torch.Tensor, t_logp
 
 
 def sampled_cross_entropy(student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
-                          temperature: float = 1.0, mask: torch.Tensor | None = None,
-                          per_sequence: bool = False) -> torch.Tensor:
-    """Sparse logit sampling (Anshumann et al. 2025): with m draws from the teacher distribution, the count
-    frequencies c_i / m are an unbiased estimate of p_i, so -sum_i (c_i / m) log q_i is an unbiased
-    estimate of the full cross-entropy H(p, q) (the KL up to the teacher's entropy, a constant)."""
+                          temperature: float = 1.0, mask: torch.Tensor | None = None, per_sequence: bool = False,
+                          t_logp: torch.Tensor | None = None, sample_temperature: float = 1.0,
+                          log_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Sparse logit sampling (Anshumann et al. 2025): an estimate of the full cross-entropy H(p_T, q_T) from
+    m draws of the teacher at `sample_temperature` (distinct `ids` [B, T, m] with their `counts`).
+
+    At the sampling temperature the count frequencies c_i / m estimate p_i without bias. At another
+    temperature T the draws are importance-weighted by p_T / p_s, known from the teacher's T=1
+    log-probabilities `t_logp` of the drawn ids: log w_i = (1/T - 1/T_s) * t_logp_i - log_norm, where
+    log_norm [B, T] = lse_T - lse_s - (1/T - 1/T_s) * lse_1 from the stored logsumexps makes the estimate
+    unbiased; without it the weights are self-normalized (consistent, bias O(1/m)).
+    """
     s_logq = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, ids)
     counts = counts.float()
-    freq = counts / counts.sum(-1, keepdim=True).clamp_min(1)
-    return masked_mean(-(freq * s_logq).sum(-1), mask, per_sequence)
+    m = counts.sum(-1, keepdim=True).clamp_min(1)
+    if abs(temperature - sample_temperature) < 1e-9:
+        weights = counts / m
+    elif t_logp is None:
+        raise ValueError(f"draws made at T={sample_temperature:g} estimate T={temperature:g} only with the "
+                         f"teacher's log-probabilities of the drawn ids (t_logp)")
+    else:
+        log_w = (1 / temperature - 1 / sample_temperature) * t_logp.float()
+        log_w = log_w.masked_fill(counts == 0, float("-inf"))  # padding slots
+        if log_norm is None:
+            weights = torch.softmax(log_w + counts.log(), -1).nan_to_num(0.0)
+        else:
+            weights = counts / m * (log_w - log_norm.unsqueeze(-1)).exp()
+    return masked_mean(-(weights * s_logq).sum(-1), mask, per_sequence)
+
+
+def sampled_log_norm(lse: torch.Tensor, temperature: float, sample_temperature: float, temps: list[float]):
+    """log_norm of `sampled_cross_entropy` from the stored logsumexps [B, T, n_temps] at `temps`; None when
+    the sampling temperature's logsumexp is not stored (the weights are then self-normalized)."""
+    index = {round(t, 9): i for i, t in enumerate(temps)}
+    i_t, i_s = index.get(round(temperature, 9)), index.get(round(sample_temperature, 9))
+    if i_t is None or i_s is None:
+        return None
+    return lse[..., i_t] - lse[..., i_s] - (1 / temperature - 1 / sample_temperature) * lse[..., 0]
 
 
 def topk_logit_mse(student_logits: torch.Tensor, ids: torch.Tensor, t_logits: torch.Tensor,
@@ -97,13 +141,20 @@ def lm_loss(student_logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.T
     return masked_mean(ce, None if mask is None else mask[:, 1:], per_sequence)
 
 
-def teacher_label_nll(ids: torch.Tensor, t_logp: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def teacher_tail(t_logp: torch.Tensor, t_logtail: torch.Tensor | None = None) -> torch.Tensor:
+    """The teacher's log-mass outside its top-k at T=1 [B, T]: as stored (`logits/logtail[..., 0]`), or, for a
+    cache from before kdpipe 0.4, recovered from the top-k log-probabilities."""
+    return tail_logmass(t_logp.float()) if t_logtail is None else t_logtail.float()
+
+
+def teacher_label_nll(ids: torch.Tensor, t_logp: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
+                      t_logtail: torch.Tensor | None = None) -> torch.Tensor:
     """The teacher's next-token NLL on the data itself, per sequence [B], from its cached top-k at T=1:
     exact where the true next token is among the stored k; elsewhere -log(tail mass), which only the
     whole vocabulary could refine (a lower bound of the true NLL there)."""
     target = input_ids[:, 1:, None]
     logp = t_logp[:, :-1].float()
     hit = ids[:, :-1] == target
-    tail = tail_logmass(logp)
+    tail = teacher_tail(logp, None if t_logtail is None else t_logtail[:, :-1])
     found = logp.masked_fill(~hit, float("-inf")).logsumexp(-1)
     return masked_mean(-torch.where(hit.any(-1), found, tail), mask[:, 1:], per_sequence=True)

@@ -153,7 +153,8 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
                   teacher_attention_softcap=m.signals.attention_softcap,
                   teachers=[c.manifest.teacher for c in caches],
                   teacher_hidden=[list(c.manifest.signals.hidden_layers) for c in caches],
-                  teacher_temperatures=[list(c.manifest.signals.temperatures) for c in caches])
+                  teacher_temperatures=[list(c.manifest.signals.temperatures) for c in caches],
+                  teacher_sample_temperatures=[c.manifest.signals.sample_temperature for c in caches])
     methods = build_methods(cfg.method, ctx)
     check_teachers(caches, methods, model.get_output_embeddings().weight.shape[0])
     for method in methods:

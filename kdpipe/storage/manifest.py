@@ -69,6 +69,10 @@ class SignalSpec:
     sample_count: int = 0
     sample_temperature: float = 1.0
     seed: int = 0
+    # arrays added in kdpipe 0.4 (older caches read without them): the teacher's log-mass outside the top-k
+    # per temperature, and the T=1 log-probabilities of the sampled ids (importance weights at another T)
+    logtail: bool = False
+    sampled_logprobs: bool = False
     hidden_layers: list[int] = field(default_factory=list)
     hidden_dtype: str = "float16"  # "bfloat16" is stored as a uint16 view
     hidden_keepbits: int | None = None  # lossy mantissa rounding of hidden states, None = lossless
@@ -177,6 +181,8 @@ class Manifest:
         """What must match for `--resume` to continue this store: everything that shapes its bytes."""
         signals = dataclasses.asdict(self.signals)
         signals["attention_windows"] = [self.window(x) for x in self.signals.attention_layers]
+        for added in ("logtail", "sampled_logprobs"):  # arrays a newer kdpipe adds: an older store resumes without
+            signals.pop(added)
         return {
             "teacher.config_sha256": self.teacher.config_sha256,
             "teacher.weights_sha256": self.teacher.weights_sha256,

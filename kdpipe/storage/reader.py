@@ -95,7 +95,16 @@ class TeacherCache:
         At another stored temperature T: log p_T = raw / T - logsumexp[.., temperature_index(T)]."""
         ids = self._read("logits/topk_ids", index).astype(np.int64)
         logprobs = self._read("logits/topk_values", index).astype(np.float32)
-        return ids, logprobs, self._read("logits/logsumexp", index)
+        return ids, logprobs, self.logsumexp(index)
+
+    def logsumexp(self, index: Index = slice(None)) -> np.ndarray:
+        """The teacher's full-vocabulary logsumexp per stored temperature, float32 [.., n_temps]."""
+        return self._read("logits/logsumexp", index)
+
+    def logtail(self, index: Index = slice(None)) -> np.ndarray | None:
+        """The teacher's log-mass outside its top-k, per stored temperature, float32 [.., n_temps]; None for
+        caches written before kdpipe 0.4 (the losses then recover it from the top-k, exact above ~1e-4)."""
+        return self._read("logits/logtail", index) if self.manifest.signals.logtail else None
 
     def tokenizer_files(self) -> dict[str, bytes]:
         """The teacher tokenizer's files (name: bytes) as extraction saved them; {} for caches that predate it."""
@@ -116,6 +125,11 @@ class TeacherCache:
         if not self.manifest.signals.sample_count:
             raise UserError(f"{self.path} has no sampled logits: re-extract with --sample-count M")
         return self._read("sampled/ids", index).astype(np.int64), self._read("sampled/counts", index).astype(np.int64)
+
+    def sampled_logprobs(self, index: Index = slice(None)) -> np.ndarray | None:
+        """The teacher's T=1 log-probabilities of the sampled ids, float32; None for caches before kdpipe 0.4."""
+        s = self.manifest.signals
+        return self._read("sampled/logprobs", index).astype(np.float32) if s.sample_count and s.sampled_logprobs else None
 
     def interchange(self, index: Index = slice(None)) -> dict[str, np.ndarray]:
         """DIITO's interventions: source (sequence id), layer (teacher), span (base start, source start,

@@ -47,12 +47,16 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
         ArraySpec("logits/topk_values", (n, t, s.top_k), "float16", "floats"),
         ArraySpec("logits/logsumexp", (n, t, len(s.temperatures)), "float32", "floats"),
     ]
+    if s.logtail:
+        specs.append(ArraySpec("logits/logtail", (n, t, len(s.temperatures)), "float32", "floats"))
     if s.sample_count:
         draws = min(s.sample_count, teacher.vocab_size)  # at most V distinct ids can be drawn
         specs += [
             ArraySpec("sampled/ids", (n, t, draws), ids, "ids"),
             ArraySpec("sampled/counts", (n, t, draws), "uint16", "ids"),
         ]
+        if s.sampled_logprobs:
+            specs.append(ArraySpec("sampled/logprobs", (n, t, draws), "float16", "floats"))
     for layer in s.hidden_layers:
         if s.hidden_dtype == "bfloat16":
             specs.append(ArraySpec(hidden_name(layer), (n, t, teacher.hidden_size), "uint16", "floats", "bfloat16"))

@@ -29,8 +29,10 @@ class Batch:
     topk_ids: torch.Tensor | None = None  # [B, T, k]
     topk_logprobs: torch.Tensor | None = None  # [B, T, k], at T=1
     logsumexp: torch.Tensor | None = None  # [B, T, n_temps]
-    sampled_ids: torch.Tensor | None = None
+    logtail: torch.Tensor | None = None  # [B, T, n_temps]: log-mass outside the top-k (None: an older cache)
+    sampled_ids: torch.Tensor | None = None  # [B, T, m]
     sampled_counts: torch.Tensor | None = None
+    sampled_logprobs: torch.Tensor | None = None  # [B, T, m] at T=1 (None: an older cache)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> [B, T, H]
     factors: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # block -> post-RoPE (q, k, v)
     attention: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> probs [B, h, T, T], either form
@@ -82,6 +84,7 @@ class Context:
     teachers: list[TeacherInfo] = field(default_factory=list)  # every --cache's teacher; [0] is `teacher`
     teacher_hidden: list[list[int]] = field(default_factory=list)  # hidden layers each cache holds
     teacher_temperatures: list[list[float]] = field(default_factory=list)  # temperatures each cache holds
+    teacher_sample_temperatures: list[float] = field(default_factory=list)  # what each cache's draws were made at
 
     def teacher_mask(self, layer: int, t: int, device) -> torch.Tensor:
         """The allowed keys of teacher block `layer` over T tokens: causal, within its sliding window."""
@@ -97,6 +100,7 @@ class Context:
         self.teachers = self.teachers or [self.teacher]
         self.teacher_hidden = self.teacher_hidden or [list(self.cached_hidden)]
         self.teacher_temperatures = self.teacher_temperatures or [list(self.temperatures)]
+        self.teacher_sample_temperatures = self.teacher_sample_temperatures or [1.0] * len(self.teachers)
 
 
 @dataclass
@@ -105,6 +109,7 @@ class Needs:
     topk: bool = False
     temperatures: list[float] = field(default_factory=list)
     sampled: bool = False
+    sampled_at: list[float] = field(default_factory=list)  # temperatures at which the draws are weighted
     hidden: list[int] = field(default_factory=list)
     factors: list[int] = field(default_factory=list)  # blocks whose Q/K/V (attention form `factors`) are read
     attention: list[int] = field(default_factory=list)  # blocks whose attention probs are read (either form)
@@ -121,6 +126,10 @@ class Needs:
                          f"{', '.join(f'{t:g}' for t in temps)} is not stored; stored: {stored})")
         if self.sampled and not s.sample_count:
             flags.append("--sample-count 32")
+        elif any(abs(t - s.sample_temperature) > 1e-9 for t in self.sampled_at) and not s.sampled_logprobs:
+            flags.append(f"--sample-count {s.sample_count} (the cache predates the drawn ids' log-probabilities that "
+                         f"weight draws made at T={s.sample_temperature:g} for T={_listed(self.sampled_at)}; "
+                         f"re-extract with this kdpipe)")
         hidden = sorted(set(self.hidden) - set(s.hidden_layers))
         if hidden:
             flags.append(f"--hidden-layers {','.join(str(x) for x in sorted(set(self.hidden) | set(s.hidden_layers)))}")
@@ -134,6 +143,10 @@ class Needs:
             wanted = sorted(set(self.factors) | have)
             flags.append(f"--attention-layers {','.join(map(str, wanted))} --attention-form factors")
         return flags
+
+
+def _listed(values: list[float]) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 class Method(nn.Module):

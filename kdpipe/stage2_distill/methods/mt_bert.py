@@ -51,7 +51,8 @@ class MTBERT(MultiTeacherMethod):
         p, soft, hidden = self.params, 0.0, 0.0
         for i in range(self.num_teachers):
             b = batch.teacher(i)
-            weight = 1 / (1 + teacher_label_nll(b.topk_ids, b.topk_logprobs, b.input_ids, b.mask))
+            tail = None if b.logtail is None else b.logtail[..., 0]
+            weight = 1 / (1 + teacher_label_nll(b.topk_ids, b.topk_logprobs, b.input_ids, b.mask, tail))
             soft = soft + (weight * self.kd(batch, out, i)).mean()
             for s, t in self.pairs[i]:
                 hidden = hidden + hidden_mse(self.fit[i](out.hidden[s].float()), b.hidden[t], batch.mask)

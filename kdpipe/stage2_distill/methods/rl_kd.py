@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kdpipe.stage2_distill.features import pool
-from kdpipe.stage2_distill.losses import lm_loss, masked_mean, tail_logmass, teacher_label_nll
+from kdpipe.stage2_distill.losses import lm_loss, masked_mean, teacher_label_nll, teacher_tail
 from kdpipe.stage2_distill.methods.base import register
 from kdpipe.stage2_distill.methods.multi import MultiTeacherMethod
 
@@ -51,8 +51,9 @@ class RLKD(MultiTeacherMethod):
         for i, layer in enumerate(self.state_layers):
             b = batch.teacher(i)
             top1 = masked_mean(b.topk_logprobs[..., 0].exp(), b.mask, per_sequence=True)
-            mass = masked_mean(1 - tail_logmass(b.topk_logprobs.float()).exp(), b.mask, per_sequence=True)
-            nll = teacher_label_nll(b.topk_ids, b.topk_logprobs, b.input_ids, b.mask)
+            tail = None if b.logtail is None else b.logtail[..., 0]
+            mass = masked_mean(1 - teacher_tail(b.topk_logprobs, tail).exp(), b.mask, per_sequence=True)
+            nll = teacher_label_nll(b.topk_ids, b.topk_logprobs, b.input_ids, b.mask, tail)
             parts.append(torch.stack([nll, top1, mass], -1))
             if layer is not None:
                 parts.append(pool(b.hidden[layer].float(), b.mask, "mean"))
