@@ -5,14 +5,17 @@ A policy picks, per example, which teachers the student learns from. Its state d
 on the example, from the cache: its NLL on the data (see mt_bert), its mean top-1 probability and top-k
 mass (how sure it is), and its mean-pooled last cached hidden state (when the cache holds one). The
 policy is pi(a_i = 1 | s) = sigmoid(W s + b)_i; selected teachers' soft losses are averaged per
-example. The policy is trained by REINFORCE: the reward of the previous step's selections is the
-student's improvement, prev LM loss - current LM loss (both on their batches, against a running
-baseline), so selections that preceded progress become more likely. Actions are drawn with a seeded
-generator. The policy's history (last state, action, loss) is not checkpointed: a resumed run
-restarts it.
+example. The policy is trained by REINFORCE, per example: the reward of a selection is what the update
+it took part in did to that very example, its LM loss before the update minus its LM loss after (a
+no-grad re-forward of the example at the next step, once the optimizer has stepped; with --grad-accum
+every micro-batch of the step is paired with its own examples), against a running baseline. Actions
+are drawn with a generator seeded by step and micro-batch. The pending selections are not
+checkpointed: a resumed run starts their history afresh.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -37,8 +40,10 @@ class RLKD(MultiTeacherMethod):
         width = sum(3 + (t.hidden_size if layer is not None else 0)
                     for t, layer in zip(ctx.teachers, self.state_layers))
         self.policy = nn.Linear(width, len(ctx.teachers))
-        self._last: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self._pending: list[Pending] = []
         self._baseline: float | None = None
+        self._step, self._micro = -1, 0
+        self.last_reward: torch.Tensor | None = None
 
     def teacher_needs(self, i):
         needs = super().teacher_needs(i)
@@ -64,20 +69,43 @@ class RLKD(MultiTeacherMethod):
         return -nn.functional.binary_cross_entropy_with_logits(logits, action, reduction="none").sum(-1)
 
     def loss(self, batch, out, step):
+        self._micro = self._micro + 1 if step == self._step else 0
+        self._step = step
         state = self.state(batch).detach()
         with torch.no_grad():
             probs = torch.sigmoid(self.policy(state))
-            g = torch.Generator(device="cpu").manual_seed(int(self.params["seed"]) * 1_000_003 + step)
-            action = (torch.rand(probs.shape, generator=g).to(probs.device) < probs).float()
+            seed = (int(self.params["seed"]) * 1_000_003 + step) * 1_009 + self._micro
+            action = (torch.rand(probs.shape, generator=torch.Generator().manual_seed(seed)).to(probs.device)
+                      < probs).float()
         kd = torch.stack([self.kd(batch, out, i) for i in range(self.num_teachers)], -1)  # [B, n]
         soft = ((kd * action).sum(-1) / action.sum(-1).clamp_min(1)).mean()
-        current = float(lm_loss(out.logits.detach(), batch.input_ids, batch.mask))
+        before = lm_loss(out.logits.detach(), batch.input_ids, batch.mask, per_sequence=True)
+        ready = [p for p in self._pending if p.step < step]  # selections whose update has happened since
         policy = soft.new_zeros(())
-        if self._last is not None:
-            last_state, last_action, last_loss = self._last
-            reward = last_loss - current
-            decay = float(self.params["baseline_decay"])
-            self._baseline = reward if self._baseline is None else decay * self._baseline + (1 - decay) * reward
-            policy = -(reward - self._baseline) * self.log_prob(last_state, last_action).mean()
-        self._last = (state, action, current)
+        if ready and out.run is not None:
+            policy = sum(self.reinforce(p, out.run) for p in ready) / len(ready)
+        self._pending = [p for p in self._pending if p.step >= step] + [
+            Pending(step, state, action, batch.input_ids, batch.mask, before)]
         return {"kd": soft, "policy": policy}
+
+    def reinforce(self, p: "Pending", run) -> torch.Tensor:
+        """-(reward - baseline) * log pi(action | state), per example, for selections made before the update."""
+        with torch.no_grad():
+            logits, _ = run(p.input_ids, p.mask, {})
+            reward = p.before - lm_loss(logits, p.input_ids, p.mask, per_sequence=True)  # [B]
+        decay = float(self.params["baseline_decay"])
+        mean = float(reward.mean())
+        self._baseline = mean if self._baseline is None else decay * self._baseline + (1 - decay) * mean
+        self.last_reward = reward
+        return -((reward - self._baseline) * self.log_prob(p.state, p.action)).mean()
+
+
+@dataclass
+class Pending:
+    """A micro-batch's selections, kept until the optimizer step they took part in has happened."""
+    step: int
+    state: torch.Tensor
+    action: torch.Tensor
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    before: torch.Tensor  # [B] the student's LM loss on these examples before the update

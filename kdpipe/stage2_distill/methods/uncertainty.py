@@ -7,7 +7,8 @@ soft loss is weighted by u (dynamic supervision: learn more where unsure). With 
 from smallest to largest (`order`, default: by hidden size x layers), teacher j (of 0..n-1) gets
     w_j = u + (1 - 2u) * j / (n - 1), normalized over j,
 so a confident student leans on the largest teacher and an uncertain one on the smallest (the
-teacher adoption GKD's implementation settled on), and L = mean_j mean_b [w_j T^2 KL_j].
+teacher adoption GKD's implementation settled on), and L = sum_j mean_b [w_j T^2 KL_j]: the weights sum to
+1 per example, so n teachers that agree cost what one does (no second 1/n).
 """
 
 from __future__ import annotations
@@ -58,5 +59,4 @@ class Uncertainty(MultiTeacherMethod):
     def loss(self, batch, out, step):
         with torch.no_grad():
             w = self.weights(normalized_entropy(out.logits, batch.mask))
-        total = sum((w[:, i] * self.kd(batch, out, i)).mean() for i in range(self.num_teachers))
-        return {"kd": total / self.num_teachers}
+        return {"kd": sum((w[:, i] * self.kd(batch, out, i)).mean() for i in range(self.num_teachers))}
