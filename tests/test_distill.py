@@ -195,6 +195,8 @@ def test_pd_and_teacher_layer_initialization(sharp, tmp_path):
 
 def test_layer_maps_and_annealing_schedule():
     assert map_layers("uniform", 3, 12) == [(1, 4), (2, 8), (3, 12)]
+    assert map_layers("uniform", 4, 6) == [(1, 2), (2, 3), (3, 5), (4, 6)]  # 4.5 rounds up, not to even
+    assert map_layers("uniform", 4, 2) == [(1, 1), (2, 1), (3, 2), (4, 2)]  # a deeper student: never embeddings
     assert map_layers("skip", 3, 12) == [(1, 4), (2, 8), (3, 12)]
     assert map_layers("last", 3, 12) == [(1, 10), (2, 11), (3, 12)]
     assert map_layers("1:2,2:6", 2, 6) == [(1, 2), (2, 6)]

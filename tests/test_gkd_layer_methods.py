@@ -137,7 +137,7 @@ def test_mgskd_relations_equal_their_formulas():
     u, v = x[2, 0, 8:] - x[0, 0, 8:], x[1, 0, 8:] - x[0, 0, 8:]
     torch.testing.assert_close(s_ang[1, 0, 2, 1], u @ v / (u.norm() * v.norm()))
     # the full loss: token/span levels on layers 0 and 1, sample level above; spans are seeded per step
-    method = MGSKD({"heads": 4, "k1": 3, "k2": 3}, ctx_for(student_layers=2))
+    method = MGSKD({"heads": 4, "k1": 3, "k2": 3, "scale": "raw"}, ctx_for(student_layers=2))
     assert method.pairs == [(0, 0), (1, 2), (2, 4)] and method.spans(T, 7) == method.spans(T, 7)
     t_h = {i: randn(B, T, 32, seed=i) for i in (0, 2, 4)}
     s_h = {j: randn(B, T, 16, seed=10 + j) for j in (0, 1, 2)}
@@ -167,13 +167,13 @@ def _curve(tmp_path, layer_cache, method, steps=40, lr=3e-3):
     return [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
 
 
-# MGSKD's angles are scale-free and its tiny-model relations small, and Universal-KD's teacher targets are
-# fixed (nothing to collapse): both need a larger step to move in 40
-@pytest.mark.parametrize("method,term,lr", [("universal_kd", "universal_kd/universal", 3e-2),
-                                            ("lrc_bert", "lrc_bert/cos_nce", 3e-3),
-                                            ("mgskd:w_sample=0", "mgskd/token", 3e-2)])
-def test_method_loss_falls_when_training_from_the_cache(method, term, lr, layer_cache, tmp_path):
-    lines = _curve(tmp_path, layer_cache, method, lr=lr)
+# Universal-KD's teacher targets are fixed (nothing to collapse) and MGSKD's angles are scale-free: both need a
+# larger step to move in 40; MGSKD with 2 relation heads, as 8 would leave the 16-wide student 2 dimensions a head
+@pytest.mark.parametrize("method,term,lr,steps", [("universal_kd", "universal_kd/universal", 3e-2, 40),
+                                                  ("lrc_bert", "lrc_bert/cos_nce", 3e-3, 40),
+                                                  ("mgskd:w_sample=0,heads=2", "mgskd/token", 3e-2, 40)])
+def test_method_loss_falls_when_training_from_the_cache(method, term, lr, steps, layer_cache, tmp_path):
+    lines = _curve(tmp_path, layer_cache, method, steps=steps, lr=lr)
     first, last = np.mean([x[term] for x in lines[:5]]), np.mean([x[term] for x in lines[-5:]])
     assert math.isfinite(first) and last < 0.8 * first, (first, last)
 

@@ -48,7 +48,8 @@ def test_minilmv2_equals_the_relation_formula():
                            for j in range(r)], 1) / dr ** 0.5
         return torch.log_softmax(rel.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")), -1)
 
-    for name, t, s in (("qq", tq, sq), ("kk", tk.repeat_interleave(2, 1), sk), ("vv", tv.repeat_interleave(2, 1), sv)):
+    # grouped-query K/V heads are not repeated: each dimension is in one relation head once
+    for name, t, s in (("qq", tq, sq), ("kk", tk, sk), ("vv", tv, sv)):
         p, q = relations(t, 2), relations(s, 2)
         want = torch.nan_to_num(p.exp() * (p - q)).sum(-1).mean()
         torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6)
@@ -107,6 +108,52 @@ def test_tinybert_equals_its_layer_and_attention_formula():
     torch.testing.assert_close(got["att"], want_att)
 
 
+def test_hidden_losses_compare_every_channel_at_the_teachers_scale(layer_cache, capsys):
+    """A decoder's massive channel (RMS 20,000 here, as SmolLM2's ~23,000) is the whole raw MSE; at the default
+    channel scale, with the same 10% error on every channel, each of the 16 channels has an equal share."""
+    g = torch.Generator().manual_seed(5)
+    ctx = Context(teacher=teacher_info(layers=4, hidden=16, heads=2, kv=2), temperatures=[1.0], student_layers=2,
+                  student_hidden=16, total_steps=1, teacher_attention_scaling=0.5)
+    scale = torch.ones(16)
+    scale[0] = 20000.0
+    ctx.hidden_scales = [{layer: scale for layer in (0, 2, 4)}]
+    hid = {layer: torch.randn(B, T, 16, generator=g) * scale for layer in (0, 2, 4)}
+    s_hid = {0: hid[0] * 1.1, 1: hid[2] * 1.1, 2: hid[4] * 1.1}
+    batch = Batch(input_ids=torch.zeros(B, T, dtype=torch.long), mask=torch.ones(B, T, dtype=torch.bool), hidden=hid)
+    out = StudentOutput(logits=torch.zeros(B, T, 11), hidden=s_hid)
+    for name, params in (("channel", {}), ("raw", {"scale": "raw"})):
+        method = TinyBERT({"alpha_pred": 0.0, "alpha_att": 0.0, **params}, ctx)
+        got = method.loss(batch, out, 0)["hid"]
+        per_channel = sum((((s_hid[s] - hid[t]) / (scale if name == "channel" else 1)) ** 2).mean((0, 1))
+                          for s, t in method.pairs)
+        torch.testing.assert_close(got, per_channel.mean())
+        share = float(per_channel[0] / per_channel.sum())
+        assert (share < 0.2) if name == "channel" else (share > 0.99)
+
+    # the scales come from the training sequences of the cache: each channel's RMS, float64
+    from kdpipe.stage2_distill.data import Split, hidden_scales
+    from kdpipe.storage.reader import TeacherCache
+
+    cache = TeacherCache(layer_cache)
+    split = Split.choose(cache, 8, 0)
+    got = hidden_scales(cache, [2], split.train_units, sequences=8)
+    per = cache.manifest.layout.sequences_per_unit
+    rows = [r for u in sorted(split.train_units)[:2] for r in range(u * per, (u + 1) * per)]
+    h = torch.from_numpy(cache.hidden(2, np.array(rows))).double()
+    valid = torch.from_numpy(np.arange(cache.seq_len)[None] < cache.lengths(np.array(rows))[:, None])
+    ms = (h[valid] ** 2).mean(0)
+    torch.testing.assert_close(got[2].double(), (ms + 1e-6 * ms.mean()).sqrt(), rtol=1e-6, atol=0)
+
+    # one term swamping another over the first steps is said, once, in one line
+    from kdpipe.console import say
+    from kdpipe.stage2_distill.trainer import warn_dominance
+
+    warn_dominance([{"tinybert/hid": 1.4e4, "kd/kd": 2.0}] * 10, say)
+    warn_dominance([{"tinybert/hid": 3.0, "kd/kd": 2.0}] * 10, say)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "tinybert/hid" in lines[0] and "7000x kd/kd" in lines[0]
+
+
 def test_minilm_equals_attention_and_value_relation_kl():
     g = torch.Generator().manual_seed(3)
     ctx = Context(teacher=teacher_info(layers=3, hidden=16, heads=2, kv=2), temperatures=[1.0], student_layers=1,
@@ -160,11 +207,13 @@ def test_mobilebert_alp_kd_and_rail_kd_equal_their_formulas():
     assert [progressive.active_pairs(s) for s in (0, 4, 5, 9)] == [[(1, 2)], [(1, 2)], [(2, 4)], [(2, 4)]]
 
     alp = ALPKD({}, ctx)
-    assert alp.teacher_layers == [1, 2, 3] and alp.student_layers() == [1]
-    t_vecs = torch.stack([hid[i].mean(1) for i in (1, 2, 3)], 1)
-    s_vec = s_hid[1].mean(1)
-    weights = torch.softmax(torch.einsum("blh,bh->bl", t_vecs, s_vec), -1)
-    want = ((s_vec - torch.einsum("bl,blh->bh", weights, t_vecs)) ** 2).mean()
+    assert alp.teacher_layers == [1, 2, 3, 4] and alp.student_layers() == [1, 2]  # the final layers too
+    t_vecs = torch.stack([hid[i].mean(1) for i in (1, 2, 3, 4)], 1)
+    want = 0.0
+    for j in (1, 2):
+        s_vec = s_hid[j].mean(1)
+        weights = torch.softmax(torch.einsum("blh,bh->bl", t_vecs, s_vec), -1)
+        want = want + ((s_vec - torch.einsum("bl,blh->bh", weights, t_vecs)) ** 2).mean()
     torch.testing.assert_close(alp.loss(batch, out, 0)["alp"], want)
 
     rail = RAILKD({"redraw_every": 3, "seed": 7}, ctx)
@@ -183,7 +232,7 @@ def test_ckd_equals_its_relation_formulas():
     g = torch.Generator().manual_seed(5)
     ctx = Context(teacher=teacher_info(layers=3, hidden=16), temperatures=[1.0], student_layers=3, student_hidden=8,
                   total_steps=1)
-    method = CKD({"window": 3}, ctx)
+    method = CKD({"window": 3, "scale": "raw"}, ctx)  # the formula on states as given; scaling tested apart
     assert method.pairs == [(1, 1), (2, 2), (3, 3)]
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]], dtype=torch.bool)
     hid = {t: torch.randn(B, T, 16, generator=g) for t in (1, 2, 3)}

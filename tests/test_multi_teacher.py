@@ -248,7 +248,7 @@ def two_caches(tmp_path_factory, corpus):
     return root
 
 
-@pytest.mark.parametrize("method,term", [("tmkd", "tmkd/heads"), ("mt_bert:alpha_hard=0", "mt_bert/soft"),
+@pytest.mark.parametrize("method,term", [("tmkd", "tmkd/heads"), ("mt_bert:alpha_hard=0", "mt_bert/hidden"),
                                          ("rl_kd", "eval/kl_teacher"), ("uncertainty", "uncertainty/kd"),
                                          ("dgkd", "dgkd/soft")])
 def test_multi_teacher_loss_falls_training_from_two_caches(method, term, two_caches, tmp_path):

@@ -60,6 +60,29 @@ def merge_needs(needs: list[Needs]) -> Needs:
                  interchange=sorted({layer for n in needs for layer in n.interchange}))
 
 
+def hidden_scales(cache: TeacherCache, layers: list[int], units: list[int],
+                  sequences: int = 64) -> dict[int, torch.Tensor]:
+    """Per teacher layer, the RMS of each channel [H] over the valid tokens of the first `sequences` training
+    sequences (whole units, in order: the same on every rank and after a resume), in float64. A floor of 1e-3
+    of the layer's overall RMS keeps a channel that is always ~0 from being blown up."""
+    per = cache.manifest.layout.sequences_per_unit
+    rows: list[int] = []
+    for unit in sorted(units):
+        rows += range(unit * per, min((unit + 1) * per, cache.num_sequences))
+        if len(rows) >= sequences:
+            break
+    if not rows or not layers:
+        return {}
+    index = np.array(rows)
+    valid = torch.from_numpy(np.arange(cache.seq_len)[None, :] < cache.lengths(index)[:, None])
+    scales = {}
+    for layer in layers:
+        h = torch.from_numpy(cache.hidden(layer, index)).double()[valid]  # [tokens, H]
+        ms = (h * h).mean(0)
+        scales[layer] = (ms + 1e-6 * ms.mean()).sqrt().float()
+    return scales
+
+
 class UnitReader:
     """Reads the needed arrays of whole units and gathers batches from them."""
 

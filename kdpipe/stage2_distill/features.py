@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.errors import UserError
-from kdpipe.storage.attention import attention_scores, key_mask, repeat_kv
+from kdpipe.storage.attention import attention_scores, key_mask
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -24,6 +24,15 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     raise UserError(f"pooling {how!r} is not one of first, last, mean")
 
 
+def own_channel_scale(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] states divided by each channel's RMS over this batch's valid tokens (not back-propagated):
+    the student's counterpart of Context.scale_hidden, for methods that compare relations within each
+    model (whose widths may differ) rather than states."""
+    valid = mask.unsqueeze(-1).to(x.dtype)
+    ms = ((x.detach() ** 2) * valid).sum((0, 1)) / valid.sum((0, 1)).clamp_min(1)
+    return x / (ms + 1e-6 * ms.mean() + 1e-12).sqrt()
+
+
 def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error of [B, T, H] states over valid tokens and features (padding left out)."""
     valid = mask.unsqueeze(-1).to(teacher.dtype)
@@ -37,11 +46,11 @@ def attend_layers(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return (alpha.unsqueeze(-1) * teacher).sum(1)
 
 
-def relation_logits(x: torch.Tensor, heads: int, num_heads: int) -> torch.Tensor:
+def relation_logits(x: torch.Tensor, heads: int) -> torch.Tensor:
     """MiniLMv2 relations: the heads of x [B, h(_kv), T, d] are concatenated ([B, T, h*d]), re-split into
     `heads` relation heads of size d_r, and related token to token: X_r X_r^T / sqrt(d_r) -> [B, R, T, T].
-    Grouped-query K/V heads are first repeated to `num_heads`, as attention uses them."""
-    x = repeat_kv(x, num_heads)
+    Grouped-query K/V heads are concatenated as they are: repeating them first (as attention uses them)
+    would put each dimension in a relation head several times and sharpen its relations by sqrt(repeats)."""
     b, h, t, d = x.shape
     if (h * d) % heads:
         raise UserError(f"relation_heads={heads} does not divide the attention width {h * d}: choose a divisor")

@@ -20,7 +20,8 @@ from kdpipe.console import quiet_libraries, say
 from kdpipe.distributed import distributed_env
 from kdpipe.errors import UserError
 from kdpipe.stage2_distill import checkpoint
-from kdpipe.stage2_distill.data import Split, TrainBatches, check_teachers, eval_batches, merge_needs, open_caches
+from kdpipe.stage2_distill.data import (Split, TrainBatches, check_teachers, eval_batches, hidden_scales, merge_needs,
+                                        open_caches)
 from kdpipe.stage2_distill.evaluate import evaluate
 from kdpipe.stage2_distill.methods import Context, StudentOutput
 from kdpipe.modelio import check_device
@@ -162,6 +163,12 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
     split = Split.choose(cache, cfg.eval_sequences, cfg.seed, warn=say)
     needs = merge_needs([mt.needs() for mt in methods] + [Needs(topk=bool(split.eval_units))])  # eval reads top-k
     other_needs = [(c, merge_needs([mt.teacher_needs(i) for mt in methods])) for i, c in enumerate(caches) if i]
+    # each hidden layer's channel scale, from the training sequences (never the held-out ones)
+    ctx.hidden_scales = [hidden_scales(c, merge_needs([mt.teacher_needs(i) for mt in methods]).hidden, split.train_units)
+                         for i, c in enumerate(caches)]
+    for scales in ctx.hidden_scales:
+        for layer, scale in scales.items():
+            scales[layer] = scale.to(device)
     student_layers = sorted({layer for mt in methods for layer in mt.student_layers()})
     student_blocks = sorted({layer for mt in methods for layer in mt.student_attention_layers()})
     if world > 1 and len(split.train_units) < world:
@@ -205,6 +212,8 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
                            skip=start * cfg.grad_accum, others=other_needs)  # each rank reads its own units
     bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=cfg.quiet, dynamic_ncols=True)
     tokens = 0
+    starts: list[dict[str, float]] = []  # the first steps' loss terms, to say if one swamps the others
+    uncompared = {term for mt in methods for term in mt.uncompared}
     t0 = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
@@ -245,6 +254,9 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
                 record.update(final)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
+            starts.append({k: v for k, v in terms_sum.items() if k.split("/", 1)[1] not in uncompared})
+            if len(starts) == DOMINANCE_STEPS and rank == 0:
+                warn_dominance(starts, say)
             bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in terms_sum.items()} |
                             {"tok/s": f"{record['tokens_per_s']:.0f}"})
             bar.update(1)
@@ -262,6 +274,23 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
     if rank == 0:
         run.write_final({"steps": cfg.steps, "initial": initial, "final": final})
     return DistillResult(str(run.path), cfg.steps, final, initial, seconds, tokens / max(seconds, 1e-9))
+
+
+DOMINANCE_STEPS = 10  # steps whose mean loss terms are compared
+DOMINANCE = 1000.0  # a term this many times another one leaves that one no say in the gradient
+
+
+def warn_dominance(records: list[dict[str, float]], say) -> None:
+    """One line when a loss term is orders of magnitude above another over the first steps."""
+    means = {k: sum(abs(r[k]) for r in records) / len(records) for k in records[0]}
+    live = {k: v for k, v in means.items() if v > 0}
+    if len(live) < 2:
+        return
+    big, small = max(live, key=live.get), min(live, key=live.get)
+    if live[big] >= DOMINANCE * live[small]:
+        say(f"loss term {big} ({live[big]:.3g}) is {live[big] / live[small]:.0f}x {small} ({live[small]:.3g}) over "
+            f"the first {len(records)} steps: {small} barely moves the student; lower {big.split('/')[0]}'s weight "
+            f"(--method {big.split('/')[0]}:weight=...) or its alpha")
 
 
 def strip_step(record: dict) -> dict:

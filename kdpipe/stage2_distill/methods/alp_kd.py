@@ -4,8 +4,9 @@ Knowledge Distillation".
 Every student layer j attends over all teacher layers: alpha_ji = softmax_i(h_s_j . h_t_i), target
 c_j = sum_i alpha_ji h_t_i, loss MSE(h_s_j, c_j), so no layer is skipped and no fixed mapping is
 chosen. The paper uses the [CLS] vectors; a causal LM has none, so vectors are pooled (`pooling`: mean,
-last or first). The teacher layers are whatever intermediate layers the cache holds (1..L-1), printed
-in the run's method description. With differing widths a learned linear map takes the student's
+last or first). The teacher layers are whatever layers above the embeddings the cache holds (1..L, the
+final layer's output included, as in the paper), printed in the run's method description; every student
+layer 1..S attends. Teacher vectors are compared at their channel scale (see Method.hidden). With differing widths a learned linear map takes the student's
 vector to the teacher's width. Combine with `kd` and `lm` for the paper's full objective.
 """
 
@@ -23,13 +24,13 @@ class ALPKD(Method):
     name = "alp_kd"
     paper = "Passban et al. 2021"
     adapted = "pooled hidden states instead of [CLS]"
-    defaults = {"pooling": "mean"}
+    defaults = {"pooling": "mean", "scale": "channel"}
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
-        self.teacher_layers = ctx.intermediate_hidden()
+        self.teacher_layers = [x for x in ctx.cached_hidden if 0 < x <= ctx.teacher.num_layers]
         if not self.teacher_layers:
-            raise UserError("method alp_kd needs intermediate teacher hidden states: re-extract with "
+            raise UserError("method alp_kd needs teacher hidden states above the embeddings: re-extract with "
                             "`kdpipe extract --hidden-layers all ...`")
         self.project = width_map(ctx.student_hidden, ctx.teacher.hidden_size)
 
@@ -37,11 +38,12 @@ class ALPKD(Method):
         return Needs(hidden=self.teacher_layers)
 
     def student_layers(self) -> list[int]:
-        return list(range(1, self.ctx.student_layers))
+        return list(range(1, self.ctx.student_layers + 1))
 
     def loss(self, batch, out, step):
         how = self.params["pooling"]
-        t = torch.stack([pool(batch.hidden[i], batch.mask, how) for i in self.teacher_layers], 1)  # [B, L', H]
+        # each teacher layer at its own channel scale; the student's map learns to land in that space
+        t = torch.stack([pool(self.hidden(batch.hidden[i], i), batch.mask, how) for i in self.teacher_layers], 1)
         total = 0.0
         for j in self.student_layers():
             s = self.project(pool(out.hidden[j].float(), batch.mask, how))  # [B, H]

@@ -3,8 +3,10 @@
 Phase 1 (the first `phase1` fraction of steps): the student's logits regress (MSE) onto annealed
 teacher logits Phi(T) * z_t, with T stepping down from `max_temperature` to 1 and
 Phi(T) = 1 - (T - 1) / max_temperature, so the target sharpens gradually to the teacher's own logits.
-Phase 2: the hard-label loss alone. From the cache, the MSE runs over the teacher's top-k tokens, whose
-raw logits are exact (stored log-probabilities plus the full-vocabulary logsumexp).
+Phase 2: the hard-label loss alone. From the cache, the MSE runs over the teacher's top-k tokens only,
+whose raw logits are exact (stored log-probabilities plus the full-vocabulary logsumexp): the paper
+regresses every logit, but the cache holds no raw logit outside the top-k (the tail is one mass, which
+fixes no individual logit), so the student's tail logits are left free in phase 1.
 """
 
 from __future__ import annotations

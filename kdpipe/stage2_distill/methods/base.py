@@ -85,12 +85,22 @@ class Context:
     teacher_hidden: list[list[int]] = field(default_factory=list)  # hidden layers each cache holds
     teacher_temperatures: list[list[float]] = field(default_factory=list)  # temperatures each cache holds
     teacher_sample_temperatures: list[float] = field(default_factory=list)  # what each cache's draws were made at
+    # per cache, teacher layer -> per-channel RMS of its hidden states over training sequences [H] (see scale_hidden)
+    hidden_scales: list[dict[int, torch.Tensor]] = field(default_factory=list)
 
     def teacher_mask(self, layer: int, t: int, device) -> torch.Tensor:
         """The allowed keys of teacher block `layer` over T tokens: causal, within its sliding window."""
         from kdpipe.storage.attention import key_mask
 
         return key_mask(t, t, True, None, device, self.teacher_windows.get(layer, 0))
+
+    def scale_hidden(self, x: torch.Tensor, layer: int, teacher: int = 0) -> torch.Tensor:
+        """States in teacher `teacher`'s layer-`layer` space, each channel divided by that layer's RMS over the
+        training data: a real decoder's few massive channels (|h| ~ 23,000 on SmolLM2) then weigh what every
+        other channel does, instead of being the whole loss. Unchanged where no statistics were computed."""
+        scales = self.hidden_scales[teacher] if teacher < len(self.hidden_scales) else {}
+        scale = scales.get(layer)
+        return x.float() if scale is None else x.float() / scale.to(x.device)
 
     def intermediate_hidden(self) -> list[int]:
         """The teacher's intermediate layers (1..L-1) the cache holds: what "all layers" methods use."""
@@ -150,17 +160,24 @@ def _listed(values: list[float]) -> str:
 
 
 class Method(nn.Module):
+    """A distillation method. Those comparing hidden states have a `scale` setting: `channel` (their default)
+    compares them with each channel divided by the teacher layer's RMS (Context.scale_hidden), `raw` as stored."""
     name: ClassVar[str]
     paper: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
     adapted: ClassVar[str] = ""  # how the cache-only version differs from the paper, if it does
     choices: ClassVar[dict[str, tuple]] = {}  # word settings and their values, beyond base.CHOICES
+    uncompared: ClassVar[tuple[str, ...]] = ()  # loss terms with no scale of their own (a policy gradient)
 
     def __init__(self, params: dict[str, Any], ctx: Context):
         super().__init__()
         self.params = {**self.defaults, **checked_params(type(self), params)}
         self.weight = float(params.get("weight", 1.0))
         self.ctx = ctx
+
+    def hidden(self, x: torch.Tensor, layer: int, teacher: int = 0) -> torch.Tensor:
+        """`x`, in teacher layer `layer`'s space, at the scale this method compares hidden states at."""
+        return x.float() if self.params.get("scale") == "raw" else self.ctx.scale_hidden(x, layer, teacher)
 
     def needs(self) -> Needs:
         return Needs()
@@ -237,7 +254,8 @@ def _value(text: str) -> Any:
 # settings whose range is known by name: temperatures are positive, rates are fractions, words from a list
 _POSITIVE = ("temperature", "max_temperature")
 _FRACTIONS = ("drop_rate", "replace_rate", "phase1", "span_rate", "baseline_decay", "alpha")
-CHOICES = {"estimator": ("bucket", "renorm", "sampled"), "pooling": ("mean", "last", "first"), "objective": ("lm", "kd")}
+CHOICES = {"estimator": ("bucket", "renorm", "sampled"), "pooling": ("mean", "last", "first"), "objective": ("lm", "kd"),
+           "scale": ("channel", "raw")}
 
 
 def checked_params(cls: type["Method"], params: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kdpipe.stage2_distill.features import own_channel_scale
 from kdpipe.stage2_distill.layermap import map_layers
 from kdpipe.stage2_distill.methods.base import Method, Needs, register
 
@@ -44,7 +45,7 @@ class CKD(Method):
     name = "ckd"
     paper = "Park et al. 2021"
     defaults = {"layer_map": "uniform", "window": 5, "alpha_wr_dist": 1.0, "alpha_wr_angle": 1.0,
-                "alpha_ltr_dist": 1.0, "alpha_ltr_angle": 1.0}
+                "alpha_ltr_dist": 1.0, "alpha_ltr_angle": 1.0, "scale": "channel"}
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
@@ -58,8 +59,10 @@ class CKD(Method):
 
     def loss(self, batch, out, step):
         p, m = self.params, batch.mask.float()  # [B, T]
-        t_stack = torch.stack([batch.hidden[t] for _, t in self.pairs], 1)  # [B, L, T, H]
-        s_stack = torch.stack([out.hidden[s].float() for s, _ in self.pairs], 1)
+        # each model's relations at its own channel scale (massive channels would otherwise be every distance)
+        t_stack = torch.stack([self.hidden(batch.hidden[t], t) for _, t in self.pairs], 1)  # [B, L, T, H]
+        own = own_channel_scale if p["scale"] == "channel" else (lambda x, mask: x)
+        s_stack = torch.stack([own(out.hidden[s].float(), batch.mask) for s, _ in self.pairs], 1)
         b, n_layers, t, _ = t_stack.shape
         terms = {}
 

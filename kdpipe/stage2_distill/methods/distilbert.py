@@ -21,7 +21,8 @@ from kdpipe.stage2_distill.methods.kd import soft_loss, soft_needs
 class DistilBERT(Method):
     name = "distilbert"
     paper = "Sanh et al. 2019"
-    defaults = {"temperature": 2.0, "alpha_ce": 5.0, "alpha_mlm": 2.0, "alpha_cos": 1.0, "estimator": "bucket"}
+    defaults = {"temperature": 2.0, "alpha_ce": 5.0, "alpha_mlm": 2.0, "alpha_cos": 1.0, "estimator": "bucket",
+                "scale": "channel"}
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
@@ -44,8 +45,9 @@ class DistilBERT(Method):
         if p["alpha_mlm"]:
             terms["mlm"] = p["alpha_mlm"] * lm_loss(out.logits, batch.input_ids, batch.mask)
         if p["alpha_cos"]:
-            s_h = self.project(out.hidden[self.ctx.student_layers].float())
-            t_h = batch.hidden[self.ctx.teacher.num_layers]
+            last = self.ctx.teacher.num_layers
+            s_h = self.hidden(self.project(out.hidden[self.ctx.student_layers].float()), last)
+            t_h = self.hidden(batch.hidden[last], last)
             cos = F.cosine_similarity(s_h, t_h, dim=-1)
             mask = batch.mask.float()
             terms["cos"] = p["alpha_cos"] * ((1 - cos) * mask).sum() / mask.sum().clamp_min(1)

@@ -40,7 +40,7 @@ class LRCBERT(Method):
     name = "lrc_bert"
     paper = "Fu et al. 2021"
     adapted = "no gradient-perturbation stage"
-    defaults = {"layer_map": "uniform"}
+    defaults = {"layer_map": "uniform", "scale": "channel"}
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
@@ -56,6 +56,6 @@ class LRCBERT(Method):
     def loss(self, batch, out, step):
         if batch.input_ids.shape[0] < 2:
             raise UserError("method lrc_bert contrasts samples within a batch: use --batch-size 2 or more")
-        s = torch.stack([self.project(out.hidden[s].float()) for s, _ in self.pairs], 1)
-        t = torch.stack([batch.hidden[t] for _, t in self.pairs], 1)
+        s = torch.stack([self.hidden(self.project(out.hidden[s].float()), t) for s, t in self.pairs], 1)
+        t = torch.stack([self.hidden(batch.hidden[t], t) for _, t in self.pairs], 1)
         return {"cos_nce": cos_nce(cos_distance_matrix(s, t, batch.mask))}

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.errors import UserError
-from kdpipe.stage2_distill.features import pool
+from kdpipe.stage2_distill.features import own_channel_scale, pool
 from kdpipe.stage2_distill.layermap import map_layers
 from kdpipe.stage2_distill.methods.base import Method, Needs, register
 
@@ -91,7 +91,7 @@ class MGSKD(Method):
     paper = "Liu et al. 2022"
     adapted = "random contiguous spans instead of parsed phrases"
     defaults = {"layer_map": "uniform", "lower_layers": 2, "heads": 8, "k1": 20, "k2": 20, "span_rate": 0.3,
-                "w_token": 1.0, "w_span": 1.0, "w_sample": 4.0, "seed": 0}
+                "w_token": 1.0, "w_span": 1.0, "w_sample": 4.0, "seed": 0, "scale": "channel"}
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
@@ -120,7 +120,9 @@ class MGSKD(Method):
         token = span = sample = out.logits.new_zeros(())
         cuts = self.spans(mask.shape[1], step)
         for i, (s_layer, t_layer) in enumerate(self.pairs):
-            s, t = out.hidden[s_layer], batch.hidden[t_layer]
+            s, t = out.hidden[s_layer].float(), self.hidden(batch.hidden[t_layer], t_layer)
+            if p["scale"] == "channel":  # relations of both at their channel scale: massive channels are not all
+                s = own_channel_scale(s, mask)
             if i < int(p["lower_layers"]):
                 token = token + structure_loss(s, t, mask, heads, k1, k2)
                 (s_span, span_ok), (t_span, _) = span_means(s, mask, cuts), span_means(t, mask, cuts)

@@ -17,6 +17,13 @@ import torch
 
 from kdpipe.stage2_distill.features import causal_log_probs, relation_kl, relation_logits
 from kdpipe.stage2_distill.methods.base import BlockPairMethod, Needs, register
+from kdpipe.storage.attention import repeat_kv
+
+
+def per_head_values(v, num_heads: int, heads: int):
+    """The values each attention head reads (grouped-query heads repeated) when relations are per attention
+    head; the stored K/V heads as they are when they are re-split into fewer relation heads."""
+    return repeat_kv(v, num_heads) if heads == num_heads else v
 
 
 def _attention_kl(t_logp: torch.Tensor, s_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -53,5 +60,6 @@ class MiniLM(BlockPairMethod):
         at = _attention_kl(causal_log_probs(tq, tk, self.ctx.teacher_attention_scaling, t_mask,
                                             self.ctx.teacher_attention_softcap), s_logp, batch.mask)
         heads = sq.shape[1] if sq.shape[1] == tq.shape[1] else min(sq.shape[1], tq.shape[1])
-        vr = relation_kl(relation_logits(tv, heads, tq.shape[1]), relation_logits(sv, heads, sq.shape[1]), batch.mask)
+        vr = relation_kl(relation_logits(per_head_values(tv, tq.shape[1], heads), heads),
+                         relation_logits(per_head_values(sv, sq.shape[1], heads), heads), batch.mask)
         return {"at": self.params["alpha_at"] * at, "vr": self.params["alpha_vr"] * vr}

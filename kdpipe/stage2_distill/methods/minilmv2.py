@@ -28,7 +28,7 @@ class MiniLMv2(BlockPairMethod):
         r = int(self.params["relation_heads"]) or min(t_heads, s_q.shape[1])
         terms = {}
         for i, part in enumerate("qkv"):
-            t = relation_logits(batch.factors[t_layer][i], r, t_heads)
-            s = relation_logits(out.factors[s_layer][i], r, s_q.shape[1])
+            t = relation_logits(batch.factors[t_layer][i], r)
+            s = relation_logits(out.factors[s_layer][i], r)
             terms[f"{part}{part}"] = relation_kl(t, s, batch.mask)
         return terms

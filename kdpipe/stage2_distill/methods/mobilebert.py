@@ -23,7 +23,7 @@ class MobileBERT(Method):
     name = "mobilebert"
     paper = "Sun et al. 2020"
     adapted = "lower layers stay trainable in progressive mode; head-mean attention when head counts differ"
-    defaults = {"layer_map": "uniform", "alpha_fmt": 1.0, "alpha_at": 1.0, "progressive": False}
+    defaults = {"layer_map": "uniform", "alpha_fmt": 1.0, "alpha_at": 1.0, "progressive": False, "scale": "channel"}
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
@@ -48,7 +48,8 @@ class MobileBERT(Method):
     def loss(self, batch, out, step):
         fmt = at = 0.0
         for s, t in self.active_pairs(step):
-            fmt = fmt + hidden_mse(self.project(out.hidden[s].float()), batch.hidden[t], batch.mask)
+            fmt = fmt + hidden_mse(self.hidden(self.project(out.hidden[s].float()), t), self.hidden(batch.hidden[t], t),
+                                   batch.mask)
             sq, sk, _ = out.factors[s]
             t_logp = batch.attention[t].log()  # log 0 = -inf at masked keys: they contribute 0
             s_logp = causal_log_probs(sq, sk, out.scaling, out.masks.get(s), out.softcaps.get(s))

@@ -26,7 +26,7 @@ class MTBERT(MultiTeacherMethod):
     name = "mt_bert"
     paper = "Wu et al. 2021"
     adapted = "teacher CE from the cached top-k (the tail bucket bounds tokens outside it)"
-    defaults = {**MultiTeacherMethod.defaults, "alpha_hidden": 1.0, "alpha_hard": 1.0, "layer_map": "uniform"}
+    defaults = {**MultiTeacherMethod.defaults, "alpha_hidden": 1.0, "alpha_hard": 1.0, "layer_map": "uniform", "scale": "channel"}
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
@@ -55,6 +55,7 @@ class MTBERT(MultiTeacherMethod):
             weight = 1 / (1 + teacher_label_nll(b.topk_ids, b.topk_logprobs, b.input_ids, b.mask, tail))
             soft = soft + (weight * self.kd(batch, out, i)).mean()
             for s, t in self.pairs[i]:
-                hidden = hidden + hidden_mse(self.fit[i](out.hidden[s].float()), b.hidden[t], batch.mask)
+                hidden = hidden + hidden_mse(self.hidden(self.fit[i](out.hidden[s].float()), t, i),
+                                             self.hidden(b.hidden[t], t, i), batch.mask)
         return {"soft": soft, "hidden": p["alpha_hidden"] * hidden,
                 "hard": p["alpha_hard"] * lm_loss(out.logits, batch.input_ids, batch.mask)}

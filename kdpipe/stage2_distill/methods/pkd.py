@@ -26,7 +26,7 @@ class PKD(Method):
     paper = "Sun et al. 2019"
     adapted = "pooled hidden states (mean, last, first token, or every token) instead of [CLS]"
     defaults = {"alpha": 0.5, "beta": 100.0, "temperature": 2.0, "strategy": "skip", "pooling": "mean",
-                "estimator": "bucket"}
+                "estimator": "bucket", "scale": "channel"}
     choices = {"pooling": ("mean", "last", "first", "token")}
 
     def __init__(self, params, ctx):
@@ -50,7 +50,8 @@ class PKD(Method):
         if self.pairs and p["beta"]:
             pt = 0.0
             for s_layer, t_layer in self.pairs:
-                s_h, t_h = self.project(out.hidden[s_layer].float()), batch.hidden[t_layer]
+                s_h = self.hidden(self.project(out.hidden[s_layer].float()), t_layer)
+                t_h = self.hidden(batch.hidden[t_layer], t_layer)
                 if p["pooling"] == "token":
                     dist = ((F.normalize(s_h, dim=-1) - F.normalize(t_h, dim=-1)) ** 2).sum(-1)
                     pt = pt + (dist * batch.mask).sum() / batch.mask.sum().clamp_min(1)

@@ -24,7 +24,7 @@ class RAILKD(Method):
     name = "rail_kd"
     paper = "Haidar et al. 2022"
     adapted = "pooled hidden states instead of [CLS]; redrawn every N steps rather than per epoch"
-    defaults = {"redraw_every": 100, "seed": 0, "pooling": "mean"}
+    defaults = {"redraw_every": 100, "seed": 0, "pooling": "mean", "scale": "channel"}
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
@@ -50,7 +50,8 @@ class RAILKD(Method):
     def loss(self, batch, out, step):
         how, total = self.params["pooling"], 0.0
         for i, (s_layer, t_layer) in enumerate(zip(self.student_layers(), self.drawn(step))):
-            s = F.normalize(self.project[i](pool(out.hidden[s_layer].float(), batch.mask, how)), dim=-1)
-            t = F.normalize(pool(batch.hidden[t_layer], batch.mask, how), dim=-1)
+            s = self.hidden(self.project[i](pool(out.hidden[s_layer].float(), batch.mask, how)), t_layer)
+            t = pool(self.hidden(batch.hidden[t_layer], t_layer), batch.mask, how)
+            s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
             total = total + ((s - t) ** 2).sum(-1).mean()
         return {"rail": total}

@@ -32,6 +32,7 @@ class RLKD(MultiTeacherMethod):
     paper = "Yuan et al. 2021"
     adapted = "per-example state from cached top-k statistics and pooled hidden states; reward = LM-loss improvement"
     defaults = {**MultiTeacherMethod.defaults, "seed": 0, "baseline_decay": 0.9}
+    uncompared = ("policy",)
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)

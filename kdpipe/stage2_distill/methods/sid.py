@@ -28,7 +28,7 @@ class SID(Method):
     paper = "Aguilar et al. 2020"
     adapted = "pooled hidden states instead of [CLS]; learned layers stay trainable; stages by step count"
     defaults = {"layer_map": "uniform", "pooling": "mean", "alpha_att": 1.0, "temperature": 1.0,
-                "estimator": "bucket"}
+                "estimator": "bucket", "scale": "channel"}
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
@@ -60,8 +60,8 @@ class SID(Method):
             return {"cos": zero, "att": zero, "kd": t * t * soft_loss(batch, out, self.ctx, t, p["estimator"])}
         cos = att = zero
         for s, t in self.pairs[:stage]:
-            s_vec = self.project(pool(out.hidden[s].float(), batch.mask, p["pooling"]))
-            t_vec = pool(batch.hidden[t], batch.mask, p["pooling"])
+            s_vec = self.hidden(self.project(pool(out.hidden[s].float(), batch.mask, p["pooling"])), t)
+            t_vec = pool(self.hidden(batch.hidden[t], t), batch.mask, p["pooling"])
             cos = cos + (1 - F.cosine_similarity(s_vec, t_vec, dim=-1)).mean()
             if p["alpha_att"]:
                 sq, sk, _ = out.factors[s]

@@ -29,7 +29,7 @@ class TinyBERT(Method):
     paper = "Jiao et al. 2020"
     adapted = "one run with weighted terms (two runs give the staged recipe); head-mean scores when head counts differ"
     defaults = {"alpha_emb": 1.0, "alpha_hid": 1.0, "alpha_att": 1.0, "alpha_pred": 1.0, "temperature": 1.0,
-                "layer_map": "uniform", "estimator": "bucket"}
+                "layer_map": "uniform", "estimator": "bucket", "scale": "channel"}
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
@@ -54,9 +54,11 @@ class TinyBERT(Method):
     def loss(self, batch, out, step):
         p, terms, mask = self.params, {}, batch.mask
         if p["alpha_emb"]:
-            terms["emb"] = p["alpha_emb"] * hidden_mse(self.project_emb(out.hidden[0].float()), batch.hidden[0], mask)
+            terms["emb"] = p["alpha_emb"] * hidden_mse(self.hidden(self.project_emb(out.hidden[0].float()), 0),
+                                                       self.hidden(batch.hidden[0], 0), mask)
         if p["alpha_hid"]:
-            terms["hid"] = p["alpha_hid"] * sum(hidden_mse(self.project(out.hidden[s].float()), batch.hidden[t], mask)
+            terms["hid"] = p["alpha_hid"] * sum(hidden_mse(self.hidden(self.project(out.hidden[s].float()), t),
+                                                           self.hidden(batch.hidden[t], t), mask)
                                                 for s, t in self.pairs)
         if p["alpha_att"]:
             t_scale = self.ctx.teacher_attention_scaling
