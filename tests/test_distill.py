@@ -121,7 +121,7 @@ def test_missing_signals_name_the_extract_flags(sharp, corpus, tmp_path):
 
 
 def test_a_cache_from_before_the_tail_and_draw_arrays_still_trains(sharp, tmp_path):
-    """Caches written before kdpipe 0.4 lack logits/logtail and sampled/logprobs: they verify and train (the tail
+    """Caches written before kdpipe 0.2 lack logits/logtail and sampled/logprobs: they verify and train (the tail
     recovered from the top-k), and only what needs a new array, draws at T=1 weighted for T=2, names it."""
     import zarr
 

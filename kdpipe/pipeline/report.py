@@ -91,7 +91,7 @@ def format_summary(s: dict[str, Any]) -> str:
     total = sum(a["stored_bytes"] for a in s["arrays"])
     lines.append(f"{'total':32} {'':>22} {'':>9} {_size(total):>11}")
     if s["full_fp16_logits_ratio"]:
-        lines.append(f"top-k logits (ids, values, logsumexp): {s['logit_bytes_per_token']:.1f} B/token, "
+        lines.append(f"top-k logits (ids, values, logsumexp, log tail): {s['logit_bytes_per_token']:.1f} B/token, "
                      f"{s['full_fp16_logits_ratio']:.0f}x smaller than full fp16 logits")
     return "\n".join(lines)
 

@@ -57,7 +57,7 @@ def bucket_kl(student_logits: torch.Tensor, ids: torch.Tensor, t_logp: torch.Ten
 
     The teacher's probabilities of the stored tokens are exact (through the full-vocabulary logsumexp) and its
     log tail mass `t_logtail` [B, T] at `temperature` is stored at extraction, summed over the full logits
-    (caches from before kdpipe 0.4 lack it: then it is recovered as log(1 - sum p), right for tails above
+    (caches from before kdpipe 0.2 lack it: then it is recovered as log(1 - sum p), right for tails above
     ~1e-4 only). Coarsening both distributions the same way can only lower the KL (data-processing
     inequality): this is a lower bound of the full KL, equal to it when k = V.
     """
@@ -143,7 +143,7 @@ def lm_loss(student_logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.T
 
 def teacher_tail(t_logp: torch.Tensor, t_logtail: torch.Tensor | None = None) -> torch.Tensor:
     """The teacher's log-mass outside its top-k at T=1 [B, T]: as stored (`logits/logtail[..., 0]`), or, for a
-    cache from before kdpipe 0.4, recovered from the top-k log-probabilities."""
+    cache from before kdpipe 0.2, recovered from the top-k log-probabilities."""
     return tail_logmass(t_logp.float()) if t_logtail is None else t_logtail.float()
 
 

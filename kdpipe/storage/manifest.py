@@ -69,7 +69,7 @@ class SignalSpec:
     sample_count: int = 0
     sample_temperature: float = 1.0
     seed: int = 0
-    # arrays added in kdpipe 0.4 (older caches read without them): the teacher's log-mass outside the top-k
+    # arrays added in kdpipe 0.2 (older caches read without them): the teacher's log-mass outside the top-k
     # per temperature, and the T=1 log-probabilities of the sampled ids (importance weights at another T)
     logtail: bool = False
     sampled_logprobs: bool = False

@@ -103,7 +103,7 @@ class TeacherCache:
 
     def logtail(self, index: Index = slice(None)) -> np.ndarray | None:
         """The teacher's log-mass outside its top-k, per stored temperature, float32 [.., n_temps]; None for
-        caches written before kdpipe 0.4 (the losses then recover it from the top-k, exact above ~1e-4)."""
+        caches written before kdpipe 0.2 (the losses then recover it from the top-k, exact above ~1e-4)."""
         return self._read("logits/logtail", index) if self.manifest.signals.logtail else None
 
     def tokenizer_files(self) -> dict[str, bytes]:
@@ -127,7 +127,7 @@ class TeacherCache:
         return self._read("sampled/ids", index).astype(np.int64), self._read("sampled/counts", index).astype(np.int64)
 
     def sampled_logprobs(self, index: Index = slice(None)) -> np.ndarray | None:
-        """The teacher's T=1 log-probabilities of the sampled ids, float32; None for caches before kdpipe 0.4."""
+        """The teacher's T=1 log-probabilities of the sampled ids, float32; None for caches before kdpipe 0.2."""
         s = self.manifest.signals
         return self._read("sampled/logprobs", index).astype(np.float32) if s.sample_count and s.sampled_logprobs else None
 
