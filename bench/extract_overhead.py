@@ -171,7 +171,7 @@ def main() -> None:
     print(f"\nbytes per token by signal (full fp16 logits: {full} B/token)")
     for a in summary["arrays"]:
         print(f"  {a['name']:28} {a['bytes_per_token']:9.1f}   ratio to full logits {full / a['bytes_per_token']:8.1f}x")
-    print(f"  {'top-k logits (ids+values+lse)':28} {summary['logit_bytes_per_token']:9.1f}   ratio to full logits "
+    print(f"  {'logits (top-k+draws+lse+tail)':28} {summary['logit_bytes_per_token']:9.1f}   ratio to full logits "
           f"{summary['full_fp16_logits_ratio']:8.1f}x  (goal >= 500x)")
 
     vocab = summary["manifest"]["teacher"]["vocab_size"]

@@ -239,6 +239,9 @@ def methods(as_json: bool) -> None:
     click.echo(f"{'method':14} {'status':16} {'paper':22} needs from the teacher")
     for r in rows:
         click.echo(f"{r['method']:14} {r['status']:16} {r['paper']:22} {r['needs']}")
+    sampled = [name for name, cls in METHODS.items() if catalog.reads_samples(cls)]
+    click.echo(f"\nfrom an importance-sampled cache (--top-k 0), with estimator=sampled: {', '.join(sampled)}; "
+               f"every other logit method needs the top-k")
     click.echo("\nadaptations (cache (adapted)) and how to run the recipes:")
     for r in rows:
         if r["adaptation"]:

@@ -6,6 +6,7 @@ bars, kdpipe's and the libraries' (transformers' GGUF de-quantization and "Writi
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -31,6 +32,11 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # GGUF de-quantization draws its bar with tqdm itself, past transformers' switch
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    if hasattr(gguf, "tqdm") and not isinstance(gguf.tqdm, functools.partial):
+        gguf.tqdm = functools.partial(gguf.tqdm, disable=True)
 
 
 def plural(n: int, word: str) -> str:

@@ -143,6 +143,30 @@ def test_a_cache_from_before_the_tail_and_draw_arrays_still_trains(sharp, tmp_pa
         run(old, tmp_path / "c", "kd:estimator=sampled,temperature=2", steps=1)
 
 
+def test_an_importance_sampled_cache_trains_kd_and_names_what_needs_a_top_k(sharp, corpus, tmp_path):
+    """--top-k 0 --sample-count 12: the draws, their counts and log-probabilities and the logsumexps only.
+    kd:estimator=sampled trains from it (held-out KL estimated from the draws, unbiased); a method that
+    needs the top-k is refused before training, naming --top-k."""
+    teacher, _ = sharp
+    out = tmp_path / "sampled"
+    extract(ExtractConfig(teacher=str(teacher), data=[str(corpus)], out=str(out), seq_len=32, top_k=0,
+                          sample_count=12, sequences_per_unit=4, quiet=True))
+    cache = TeacherCache(out)
+    names = {a for a in ("logits/topk_ids", "logits/topk_values", "logits/logtail", "sampled/logprobs")
+             if (out / a / "zarr.json").exists()}
+    assert names == {"sampled/logprobs"}
+    assert kdpipe("verify", str(out)).exit_code == 0
+    with pytest.raises(UserError, match="importance-sampled cache"):
+        cache.topk_logprobs()
+    r = run(out, tmp_path / "run", "kd:estimator=sampled")
+    assert r["final"]["eval/kl_teacher"] < 0.8 * r["initial"]["eval/kl_teacher"], r
+    assert r["final"]["eval/top1_agreement"] > r["initial"]["eval/top1_agreement"], r
+    with pytest.raises(UserError, match=r"method kd needs.*--top-k 64"):
+        run(out, tmp_path / "bucket", "kd", steps=1)
+    assert_user_error(kdpipe("extract", "--teacher", str(teacher), "--data", str(corpus), "--out",
+                             str(tmp_path / "none"), "--top-k", "0"), "--top-k 0 keeps no top-k logits")
+
+
 def test_kdpipe_eval_reproduces_the_run_metrics(sharp, tmp_path):
     _, cache = sharp
     r = run(cache, tmp_path / "run", steps=5, eval_sequences=12)  # 3 held-out units, not contiguous in general

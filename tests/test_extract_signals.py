@@ -11,6 +11,7 @@ import transformers
 
 from kdpipe.errors import UserError
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
+from kdpipe.storage.codecs import LOGPROB_FLOOR, LOGPROB_STEP
 from kdpipe.storage.reader import TeacherCache
 from tiny import FAMILIES, WINDOW
 
@@ -150,10 +151,12 @@ def test_sampled_logits_follow_the_teacher_distribution(temperature, teachers, c
     probs = torch.softmax(ref.logits.float() / temperature, -1).numpy()
     ids, counts = cache.sampled()
     assert (counts.sum(-1) == m).all()
-    # each drawn id's T=1 log-probability, what weights the draws for another temperature (float16)
+    # each drawn id's T=1 log-probability, what weights the draws for another temperature: within half a
+    # 1/16-nat step, or at the floor for the rarest draws
     used = counts > 0
     want = torch.log_softmax(ref.logits.float(), -1).gather(-1, torch.from_numpy(ids)).numpy()
-    np.testing.assert_allclose(cache.sampled_logprobs()[used], want[used], rtol=2e-3, atol=2e-3)
+    got = cache.sampled_logprobs()
+    assert (np.abs(got - np.maximum(want, -LOGPROB_FLOOR))[used] <= LOGPROB_STEP / 2 + 1e-4).all()
     assert (np.diff(counts, axis=-1) <= 0).all(), "unique ids are stored by count, descending"
     for n, t in [(0, 0), (0, 17), (1, 31)]:
         used = counts[n, t] > 0

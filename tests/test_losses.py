@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from kdpipe.stage2_distill.losses import (bucket_kl, lm_loss, renormalized_topk_kl, sampled_cross_entropy,
                                           sampled_log_norm, teacher_logprobs, topk_logit_mse)
+from kdpipe.storage.codecs import dequantize_logprobs, quantize_logprobs
 
 V = 50
 
@@ -167,12 +168,14 @@ def test_sampled_cross_entropy_at_another_temperature_is_within_two_percent_with
     c, ids = counts.topk(m if m < vocab else vocab, -1)
     c, ids = c.view(1, 64, -1), ids.view(1, 64, -1)
     t_logp = F.log_softmax(t, -1).gather(-1, ids)
+    stored = torch.from_numpy(dequantize_logprobs(quantize_logprobs(t_logp.numpy())))  # as the cache holds them
     for temperature in temps:
         exact = -(F.softmax(t / temperature, -1) * F.log_softmax(s / temperature, -1)).sum(-1).mean()
         log_norm = sampled_log_norm(lse, temperature, 1.0, temps)
         for norm in (log_norm, None):
-            est = sampled_cross_entropy(s, ids, c, temperature, t_logp=t_logp, log_norm=norm)
-            assert abs(est - exact) <= 0.02 * exact
+            for logp in (t_logp, stored):
+                est = sampled_cross_entropy(s, ids, c, temperature, t_logp=logp, log_norm=norm)
+                assert abs(est - exact) <= 0.02 * exact
     # the property the weights exist for: the teacher itself is where the T=2 loss is stationary, up to the
     # draws' noise; the frequencies alone (the T=1 target, what the loss used before) pull away from it
     def grad_at_teacher(loss):

@@ -64,6 +64,7 @@ def test_demo_runs_offline_and_reports_what_it_wrote(tmp_path):
     result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path), "--sequences", "32", "--seq-len", "64",
                                       "--steps", "12", "--quiet"])
     assert result.exit_code == 0, result.output
+    assert "de-quantizing" not in result.output and "Writing model shards" not in result.output  # --quiet is quiet
     report = json.loads((tmp_path / "report.json").read_text())
     metrics = [json.loads(x) for x in Path(report["metrics"]).read_text().splitlines()]
     evals = [m for m in metrics if "eval/ppl" in m]

@@ -152,9 +152,9 @@ def make_plan(c: PlanConfig) -> Plan:
     # cache bytes per token, exact before compression
     ids = 2 if vocab <= 65536 else 4
     # top-k ids and float16 log-probabilities; float32 logsumexp and log tail mass per temperature
-    per_token = {"tokens": 4 + 4 / c.seq_len, "logits": c.top_k * (ids + 2) + 8 * c.temperatures}
-    if c.sample_count:  # distinct ids, uint16 counts, float16 log-probabilities
-        per_token["sampled"] = min(c.sample_count, vocab) * (ids + 4)
+    per_token = {"tokens": 4 + 4 / c.seq_len, "logits": c.top_k * (ids + 2) + (8 if c.top_k else 4) * c.temperatures}
+    if c.sample_count:  # distinct ids, uint16 counts, 8-bit log-probabilities
+        per_token["sampled"] = min(c.sample_count, vocab) * (ids + 3)
     n_hidden = len(parse_layers(c.hidden_layers, layers, 0, "hidden"))
     n_attn = len(parse_layers(c.attention_layers, layers, 1, "attention"))
     if n_hidden:

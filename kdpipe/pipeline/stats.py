@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from kdpipe.errors import UserError
 from kdpipe.storage.reader import TeacherCache
 
 BINS = 50
@@ -23,6 +24,8 @@ def cache_stats(path: str) -> dict[str, Any]:
     cache = TeacherCache(path, allow_partial=True)
     m = cache.manifest
     k, vocab = m.signals.top_k, m.teacher.vocab_size
+    if not k:
+        raise UserError(f"{path} is an importance-sampled cache (--top-k 0): --stats describes a top-k cache")
     done = cache.done_sequences()
     logp = cache.dask("logits/topk_values").astype("float64")[done]
     lengths = np.asarray(cache.lengths())[done]

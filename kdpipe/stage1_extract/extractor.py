@@ -87,7 +87,11 @@ def _check_options(cfg: ExtractConfig) -> None:
     checks = [
         (cfg.seq_len > 0, "--seq-len must be positive"),
         (cfg.batch_size > 0, "--batch-size must be positive"),
-        (cfg.top_k > 0, "--top-k must be positive"),
+        (cfg.top_k >= 0, "--top-k must be 0 or more"),
+        (cfg.top_k > 0 or cfg.sample_count > 0, "--top-k 0 keeps no top-k logits: add --sample-count M (an "
+                                                "importance-sampled cache, e.g. --sample-count 12), or --top-k 64"),
+        (cfg.top_k > 0 or cfg.interchange_layers in ("none", ""), "--interchange caches a counterfactual top-k: "
+                                                                   "use it with --top-k 1 or more"),
         (all(t > 0 for t in cfg.temperatures) and cfg.temperatures, "--temperatures must be positive numbers"),
         (cfg.sample_count >= 0 and cfg.sample_count < 65536, "--sample-count must be in 0..65535"),
         (cfg.sample_temperature > 0, "--sample-temperature must be positive"),

@@ -82,7 +82,8 @@ class LogitSignals:
             if spec.softcap:
                 logits = torch.tanh(logits / spec.softcap) * spec.softcap
             values, ids = logits.topk(k, dim=-1)
-            top = values[..., :1]  # the row maximum: every exp below is of a value <= 0
+            # the row maximum: every exp below is of a value <= 0 (a sampled-only cache keeps no top-k)
+            top = values[..., :1] if k else logits.amax(-1, keepdim=True)
             shifted = logits.sub_(top)  # in place: the slice's raw logits are not needed again
             drawn = self._sample(shifted, b0, t0, sequence_ids) if m else None
             # The top-k and the rest are summed apart, so the tail mass is a sum of its own terms, exact

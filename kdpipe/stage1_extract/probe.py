@@ -38,7 +38,7 @@ def probe(model, spec: LogitSpec, tokens: np.ndarray, length: int, attention_lay
           dtype: str) -> ProbeResult:
     device = next(model.parameters()).device
     ids = torch.from_numpy(tokens[None, :length]).long().to(device)
-    signals = LogitSignals(dataclasses.replace(spec, sample_count=0, top_k=min(spec.top_k, 8)))
+    signals = LogitSignals(dataclasses.replace(spec, sample_count=0, top_k=min(max(spec.top_k, 1), 8)))
     head = HeadTap(model, signals)
     head.sequence_ids = [0]
     with head, Capture(model, [], attention_layers, "factors") as cap:

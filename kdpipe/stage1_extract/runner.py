@@ -9,7 +9,7 @@ from kdpipe.capture import Capture
 from kdpipe.errors import UserError
 from kdpipe.stage1_extract.interchange import interchange_edits, plan_unit, source_states
 from kdpipe.stage1_extract.logits import HeadTap, LogitSignals, LogitSpec
-from kdpipe.storage.codecs import bitround
+from kdpipe.storage.codecs import bitround, quantize_logprobs
 from kdpipe.storage.manifest import Manifest
 from kdpipe.storage.schema import attention_name, hidden_name, id_dtype
 
@@ -71,15 +71,16 @@ class UnitRunner:
 
     def _batch_arrays(self) -> dict[str, np.ndarray]:
         s, sig = self.m.signals, self.signals
-        ids, values = self._topk_arrays()
-        out = {"logits/topk_ids": ids, "logits/topk_values": values, "logits/logsumexp": sig.logsumexp.cpu().numpy()}
-        if s.logtail:  # a cache begun by an older kdpipe is resumed in its own format
+        out = {"logits/logsumexp": sig.logsumexp.cpu().numpy()}
+        if s.top_k:
+            out["logits/topk_ids"], out["logits/topk_values"] = self._topk_arrays()
+        if s.logtail and s.top_k:  # a cache begun by an older kdpipe is resumed in its own format
             out["logits/logtail"] = sig.logtail.cpu().numpy()
         if s.sample_count:
             out["sampled/ids"] = sig.sampled_ids.cpu().numpy().astype(self.ids_dtype)
             out["sampled/counts"] = sig.sampled_counts.cpu().numpy().astype(np.uint16)
             if s.sampled_logprobs:
-                out["sampled/logprobs"] = sig.sampled_logprobs.to(torch.float16).cpu().numpy()
+                out["sampled/logprobs"] = quantize_logprobs(sig.sampled_logprobs.cpu().numpy())
         for layer in s.hidden_layers:
             out[hidden_name(layer)] = self._hidden(layer, self.capture.hidden[layer])
         for layer in s.attention_layers:

@@ -16,10 +16,15 @@ from kdpipe.console import say
 from kdpipe.errors import UserError
 from kdpipe.modelio import load_teacher, resolve_teacher
 from kdpipe.stage2_distill.data import eval_batches
-from kdpipe.stage2_distill.losses import bucket_kl, lm_loss
+from kdpipe.stage2_distill.losses import bucket_kl, lm_loss, sampled_kl
 from kdpipe.stage2_distill.methods.base import Batch, Needs
 from kdpipe.jsonfile import read_json
 from kdpipe.storage.reader import TeacherCache
+
+
+def eval_needs(cache) -> Needs:
+    """What evaluation reads: the top-k, or the draws of an importance-sampled cache (--top-k 0)."""
+    return Needs(topk=True) if cache.manifest.signals.top_k else Needs(sampled=True, sampled_at=[1.0])
 
 
 @torch.no_grad()
@@ -34,9 +39,15 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device, p
         n = batch.mask.sum().item()
         n_lm = batch.mask[:, 1:].sum().item()
         ce_sum += lm_loss(logits, batch.input_ids, batch.mask).item() * n_lm
-        tail = None if batch.logtail is None else batch.logtail[..., 0]
-        kl_sum += bucket_kl(logits, batch.topk_ids, batch.topk_logprobs, 1.0, batch.mask, t_logtail=tail).item() * n
-        agree += ((logits.argmax(-1) == batch.topk_ids[..., 0]) & batch.mask).sum().item()
+        if batch.topk_ids is not None:
+            tail = None if batch.logtail is None else batch.logtail[..., 0]
+            kl_sum += bucket_kl(logits, batch.topk_ids, batch.topk_logprobs, 1.0, batch.mask, t_logtail=tail).item() * n
+            top1 = batch.topk_ids[..., 0]
+        else:  # an importance-sampled cache: the unbiased KL estimate from the draws, the most drawn id as top-1
+            kl_sum += sampled_kl(logits, batch.sampled_ids, batch.sampled_counts, batch.sampled_logprobs,
+                                 batch.mask).item() * n
+            top1 = batch.sampled_ids[..., 0]
+        agree += ((logits.argmax(-1) == top1) & batch.mask).sum().item()
         positions += n
         lm_positions += n_lm
     model.train(was_training)
@@ -83,7 +94,7 @@ def evaluate_model(model_path: str, cache_path: str, run_dir: str | None, max_se
     seen = {"sequences": 0, "tokens": 0}
 
     def batches():
-        for batch in eval_batches(cache, Needs(topk=True), units, batch_size, max_sequences):
+        for batch in eval_batches(cache, eval_needs(cache), units, batch_size, max_sequences):
             seen["sequences"] += len(batch.input_ids)
             seen["tokens"] += int(batch.mask.sum())
             yield batch

@@ -114,6 +114,18 @@ def sampled_cross_entropy(student_logits: torch.Tensor, ids: torch.Tensor, count
     return masked_mean(-(weights * s_logq).sum(-1), mask, per_sequence)
 
 
+def sampled_kl(student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, t_logp: torch.Tensor | None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p || q) at T=1 estimated from draws made at T=1: the mean over draws of log p - log q, unbiased;
+    without the drawn ids' log-probabilities (an older cache) NaN, since the teacher's entropy is unknown."""
+    if t_logp is None:
+        return student_logits.new_tensor(float("nan"))
+    s_logq = F.log_softmax(student_logits.float(), dim=-1).gather(-1, ids)
+    counts = counts.float()
+    freq = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    return masked_mean((freq * (t_logp.float() - s_logq)).sum(-1), mask)
+
+
 def sampled_log_norm(lse: torch.Tensor, temperature: float, sample_temperature: float, temps: list[float]):
     """log_norm of `sampled_cross_entropy` from the stored logsumexps [B, T, n_temps] at `temps`; None when
     the sampling temperature's logsumexp is not stored (the weights are then self-normalized)."""

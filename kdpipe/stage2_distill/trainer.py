@@ -22,11 +22,11 @@ from kdpipe.errors import UserError
 from kdpipe.stage2_distill import checkpoint
 from kdpipe.stage2_distill.data import (Split, TrainBatches, check_teachers, eval_batches, hidden_scales, merge_needs,
                                         open_caches)
-from kdpipe.stage2_distill.evaluate import evaluate
+from kdpipe.stage2_distill.evaluate import eval_needs, evaluate
 from kdpipe.stage2_distill.methods import Context, StudentOutput
 from kdpipe.modelio import check_device
 from kdpipe.stage2_distill.layermap import check_layer_map
-from kdpipe.stage2_distill.methods.base import Needs, build_methods, validate_specs
+from kdpipe.stage2_distill.methods.base import build_methods, validate_specs
 from kdpipe.stage2_distill.rundir import RunDir
 from kdpipe.stage2_distill.student import build_student, save_student
 
@@ -161,7 +161,7 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
     for method in methods:
         method.to(device)
     split = Split.choose(cache, cfg.eval_sequences, cfg.seed, warn=say)
-    needs = merge_needs([mt.needs() for mt in methods] + [Needs(topk=bool(split.eval_units))])  # eval reads top-k
+    needs = merge_needs([mt.needs() for mt in methods] + ([eval_needs(cache)] if split.eval_units else []))
     other_needs = [(c, merge_needs([mt.teacher_needs(i) for mt in methods])) for i, c in enumerate(caches) if i]
     # each hidden layer's channel scale, from the training sequences (never the held-out ones)
     ctx.hidden_scales = [hidden_scales(c, merge_needs([mt.teacher_needs(i) for mt in methods]).hidden, split.train_units)

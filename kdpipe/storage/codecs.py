@@ -46,3 +46,19 @@ def bitround(bits: np.ndarray, dtype: str, keepbits: int) -> np.ndarray:
     # rounding can carry into the exponent, which is exactly the correct rounding; never into the sign bit
     # except for values already at the largest exponent, which float16 hidden states do not reach
     return x.astype(np.uint16)
+
+
+# The T=1 log-probabilities of sampled ids weight draws for another temperature: log w = (1/T - 1/T_s) log p.
+# In steps of 1/16 nat the weight is off by at most exp(|1/T - 1/T_s| / 32), 1.6% for T=2 from T=1 draws,
+# and 8 bits reach -255/16 = -15.9 nats: a draw of p < 1.2e-7 (one in 8 million per draw) reads as that floor.
+LOGPROB_STEP = 1 / 16
+LOGPROB_FLOOR = 255 * LOGPROB_STEP
+
+
+def quantize_logprobs(logp: np.ndarray) -> np.ndarray:
+    """Log-probabilities (<= 0) as uint8 multiples of -LOGPROB_STEP."""
+    return np.clip(np.rint(-logp / LOGPROB_STEP), 0, 255).astype(np.uint8)
+
+
+def dequantize_logprobs(q: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * np.float32(-LOGPROB_STEP)

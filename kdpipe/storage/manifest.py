@@ -155,7 +155,8 @@ class Manifest:
             (lay.num_units == math.ceil(d.num_sequences / lay.sequences_per_unit), "layout.num_units"),
             (t.num_layers > 0 and t.hidden_size > 0 and t.num_heads > 0 and t.num_kv_heads > 0 and t.head_dim > 0
              and t.vocab_size > 0, "teacher sizes"),
-            (0 <= s.top_k <= t.vocab_size and 0 <= s.sample_count, "signals.top_k / sample_count"),
+            (0 <= s.top_k <= t.vocab_size and 0 <= s.sample_count and (s.top_k or s.sample_count),
+             "signals.top_k / sample_count"),
             (bool(s.temperatures) and s.temperatures[0] == 1.0 and all(x > 0 for x in s.temperatures),
              "signals.temperatures"),
             (all(0 <= x <= t.num_layers for x in s.hidden_layers), "signals.hidden_layers"),

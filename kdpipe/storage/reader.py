@@ -10,6 +10,7 @@ import zarr
 
 from kdpipe.errors import UserError
 from kdpipe.storage.attention import attention_probs
+from kdpipe.storage.codecs import dequantize_logprobs
 from kdpipe.storage.integrity import DamagedCache, open_array, read_rows, schema_problem
 from kdpipe.storage.manifest import Manifest
 from kdpipe.storage.schema import LEDGER, array_specs, attention_name, hidden_name, ledger_spec, tokenizer_arrays
@@ -93,6 +94,9 @@ class TeacherCache:
     def topk_logprobs(self, index: Index = slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids int64, exact teacher log-probabilities at T=1 float32, logsumexp float32 [.., n_temps]).
         At another stored temperature T: log p_T = raw / T - logsumexp[.., temperature_index(T)]."""
+        if not self.manifest.signals.top_k:
+            raise UserError(f"{self.path} is an importance-sampled cache (--top-k 0): it has no top-k logits; use "
+                            f"kd:estimator=sampled, or re-extract with --top-k 64")
         ids = self._read("logits/topk_ids", index).astype(np.int64)
         logprobs = self._read("logits/topk_values", index).astype(np.float32)
         return ids, logprobs, self.logsumexp(index)
@@ -104,7 +108,8 @@ class TeacherCache:
     def logtail(self, index: Index = slice(None)) -> np.ndarray | None:
         """The teacher's log-mass outside its top-k, per stored temperature, float32 [.., n_temps]; None for
         caches written before kdpipe 0.2 (the losses then recover it from the top-k, exact above ~1e-4)."""
-        return self._read("logits/logtail", index) if self.manifest.signals.logtail else None
+        s = self.manifest.signals
+        return self._read("logits/logtail", index) if s.logtail and s.top_k else None
 
     def tokenizer_files(self) -> dict[str, bytes]:
         """The teacher tokenizer's files (name: bytes) as extraction saved them; {} for caches that predate it."""
@@ -127,9 +132,12 @@ class TeacherCache:
         return self._read("sampled/ids", index).astype(np.int64), self._read("sampled/counts", index).astype(np.int64)
 
     def sampled_logprobs(self, index: Index = slice(None)) -> np.ndarray | None:
-        """The teacher's T=1 log-probabilities of the sampled ids, float32; None for caches before kdpipe 0.2."""
+        """The teacher's T=1 log-probabilities of the sampled ids, float32, within LOGPROB_STEP / 2 nats down to
+        -LOGPROB_FLOOR (a draw below it, p < 1.2e-7, reads as the floor); None for caches before kdpipe 0.2."""
         s = self.manifest.signals
-        return self._read("sampled/logprobs", index).astype(np.float32) if s.sample_count and s.sampled_logprobs else None
+        if not (s.sample_count and s.sampled_logprobs):
+            return None
+        return dequantize_logprobs(self._read("sampled/logprobs", index))
 
     def interchange(self, index: Index = slice(None)) -> dict[str, np.ndarray]:
         """DIITO's interventions: source (sequence id), layer (teacher), span (base start, source start,

@@ -43,11 +43,12 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
     specs = [
         ArraySpec("tokens/input_ids", (n, t), "int32", "ids"),
         ArraySpec("tokens/length", (n,), "int32", "raw"),
-        ArraySpec("logits/topk_ids", (n, t, s.top_k), ids, "ids"),
-        ArraySpec("logits/topk_values", (n, t, s.top_k), "float16", "floats"),
         ArraySpec("logits/logsumexp", (n, t, len(s.temperatures)), "float32", "floats"),
     ]
-    if s.logtail:
+    if s.top_k:  # --top-k 0: an importance-sampled cache, the draws alone
+        specs[2:2] = [ArraySpec("logits/topk_ids", (n, t, s.top_k), ids, "ids"),
+                      ArraySpec("logits/topk_values", (n, t, s.top_k), "float16", "floats")]
+    if s.logtail and s.top_k:
         specs.append(ArraySpec("logits/logtail", (n, t, len(s.temperatures)), "float32", "floats"))
     if s.sample_count:
         draws = min(s.sample_count, teacher.vocab_size)  # at most V distinct ids can be drawn
@@ -56,7 +57,8 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
             ArraySpec("sampled/counts", (n, t, draws), "uint16", "ids"),
         ]
         if s.sampled_logprobs:
-            specs.append(ArraySpec("sampled/logprobs", (n, t, draws), "float16", "floats"))
+            # -log p in steps of 1/16 nat (uint8): see storage.codecs.quantize_logprobs
+            specs.append(ArraySpec("sampled/logprobs", (n, t, draws), "uint8", "ids"))
     for layer in s.hidden_layers:
         if s.hidden_dtype == "bfloat16":
             specs.append(ArraySpec(hidden_name(layer), (n, t, teacher.hidden_size), "uint16", "floats", "bfloat16"))

@@ -134,6 +134,8 @@ class Needs:
             stored = ", ".join(f"{t:g}" for t in s.temperatures)
             flags.append(f"--temperatures {','.join(f'{t:g}' for t in wanted)} (temperature "
                          f"{', '.join(f'{t:g}' for t in temps)} is not stored; stored: {stored})")
+        if self.topk and not s.top_k:
+            flags.append("--top-k 64 (the cache holds sampled logits only)")
         if self.sampled and not s.sample_count:
             flags.append("--sample-count 32")
         elif any(abs(t - s.sample_temperature) > 1e-9 for t in self.sampled_at) and not s.sampled_logprobs:
@@ -168,6 +170,7 @@ class Method(nn.Module):
     adapted: ClassVar[str] = ""  # how the cache-only version differs from the paper, if it does
     choices: ClassVar[dict[str, tuple]] = {}  # word settings and their values, beyond base.CHOICES
     uncompared: ClassVar[tuple[str, ...]] = ()  # loss terms with no scale of their own (a policy gradient)
+    topk_only: ClassVar[bool] = False  # reads the top-k beyond its soft loss: no importance-sampled cache
 
     def __init__(self, params: dict[str, Any], ctx: Context):
         super().__init__()

@@ -48,6 +48,11 @@ def status(name: str, methods: dict) -> str | None:
     return "planned" if any(row[0] == name for row in GKD_METHODS) else None
 
 
+def reads_samples(cls) -> bool:
+    """Whether a method trains from an importance-sampled cache (--top-k 0), with estimator=sampled."""
+    return "estimator" in cls.defaults and not cls.topk_only
+
+
 def table(methods: dict) -> list[dict[str, str]]:
     """One row per GKD method (and per registered method GKD does not list), from the registry `methods`."""
     rows = [{"method": n, "paper": p, "needs": s, "group": g, "status": status(n, methods),

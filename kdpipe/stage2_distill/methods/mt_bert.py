@@ -26,7 +26,9 @@ class MTBERT(MultiTeacherMethod):
     name = "mt_bert"
     paper = "Wu et al. 2021"
     adapted = "teacher CE from the cached top-k (the tail bucket bounds tokens outside it)"
-    defaults = {**MultiTeacherMethod.defaults, "alpha_hidden": 1.0, "alpha_hard": 1.0, "layer_map": "uniform", "scale": "channel"}
+    topk_only = True
+    defaults = {**MultiTeacherMethod.defaults, "alpha_hidden": 1.0, "alpha_hard": 1.0, "layer_map": "uniform",
+                "scale": "channel"}
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
@@ -41,6 +43,7 @@ class MTBERT(MultiTeacherMethod):
 
     def teacher_needs(self, i):
         needs = super().teacher_needs(i)
+        needs.topk = True  # each example's weight is the teacher's NLL on the data, from its top-k
         needs.hidden = [t for _, t in self.pairs[i]]
         return needs
 

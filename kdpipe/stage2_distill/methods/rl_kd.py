@@ -33,6 +33,7 @@ class RLKD(MultiTeacherMethod):
     adapted = "per-example state from cached top-k statistics and pooled hidden states; reward = LM-loss improvement"
     defaults = {**MultiTeacherMethod.defaults, "seed": 0, "baseline_decay": 0.9}
     uncompared = ("policy",)
+    topk_only = True
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
