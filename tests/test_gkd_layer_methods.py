@@ -150,6 +150,27 @@ def test_mgskd_relations_equal_their_formulas():
     assert got["span"] > 0
 
 
+def test_mgskd_token_scale_ignores_massive_tokens_and_the_width():
+    """By default (scale=token) each state is divided by its own RMS and relations are mean products: a teacher
+    token 1000x larger than the rest (a decoder's attention sink) and a student of another width that carries
+    the same per-token directions (each of the teacher's coordinates repeated twice) leave the loss at zero."""
+    method = MGSKD({"heads": 4, "k1": 3, "k2": 3}, ctx_for(student_layers=2))
+    assert method.params["scale"] == "token"
+    t_h = {i: randn(B, T, 32, seed=i) for i in (0, 2, 4)}
+    s_h = {j: t_h[t].view(B, T, 4, 8).repeat_interleave(2, -1).reshape(B, T, 64) for j, t in method.pairs}
+    massive = {i: x.clone() for i, x in t_h.items()}
+    for x in massive.values():
+        x[:, 0] *= 1000.0
+    ids = torch.zeros(B, T, dtype=torch.long)
+    out = StudentOutput(logits=torch.zeros(B, T, 11), hidden=s_h)
+    for teacher in (t_h, massive):
+        got = method.loss(Batch(input_ids=ids, mask=MASK, hidden=teacher), out, 3)
+        assert all(v.abs() < 1e-5 for v in got.values()), got
+    moved = {j: x + 0.5 * randn(*x.shape, seed=40 + j) for j, x in s_h.items()}
+    got = method.loss(Batch(input_ids=ids, mask=MASK, hidden=massive), StudentOutput(logits=out.logits, hidden=moved), 3)
+    assert got["token"] > 1e-3 and got["span"] > 1e-3
+
+
 def test_mgskd_triples_are_the_teachers_strongest():
     """Anchors are the tokens receiving the most teacher relation mass; a student equal to the teacher
     has zero loss, a perturbed one a positive loss."""

@@ -26,11 +26,12 @@ from kdpipe.stage2_distill.layermap import map_layers
 from kdpipe.stage2_distill.methods.base import Method, Needs, register
 
 
-def pair_relations(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, n, H] -> [B, heads, n, n] scaled dot products within each relation head."""
+def pair_relations(x: torch.Tensor, heads: int, per_dim: bool = False) -> torch.Tensor:
+    """[B, n, H] -> [B, heads, n, n] dot products within each relation head, over sqrt(d_h) as in the paper
+    or, `per_dim`, over d_h: mean products, whose scale does not depend on the width (widths may differ)."""
     b, n, d = x.shape
     x = x.float().view(b, n, heads, d // heads).transpose(1, 2)
-    return x @ x.transpose(-1, -2) / (d // heads) ** 0.5
+    return x @ x.transpose(-1, -2) / ((d // heads) if per_dim else (d // heads) ** 0.5)
 
 
 def triplet_angles(x: torch.Tensor, anchors: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
@@ -41,12 +42,13 @@ def triplet_angles(x: torch.Tensor, anchors: torch.Tensor, neighbours: torch.Ten
     return around @ around.transpose(-1, -2)
 
 
-def structure_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, heads: int, k1: int, k2: int) -> torch.Tensor:
+def structure_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, heads: int, k1: int, k2: int,
+                   per_dim: bool = False) -> torch.Tensor:
     """MGSKD's token (or span) loss: pair-wise MSE plus triple-wise smooth-L1, over valid positions."""
     n = s.shape[1]
     valid = (mask[:, :, None] & mask[:, None, :])[:, None].expand(-1, heads, n, n)
-    t_pair = pair_relations(t, heads)
-    pair = ((pair_relations(s, heads) - t_pair) ** 2 * valid).sum() / valid.sum().clamp_min(1)
+    t_pair = pair_relations(t, heads, per_dim)
+    pair = ((pair_relations(s, heads, per_dim) - t_pair) ** 2 * valid).sum() / valid.sum().clamp_min(1)
     k1, k2 = min(k1, n), min(k2, n - 1)
     if k2 < 2:
         return pair
@@ -89,9 +91,14 @@ def span_means(x: torch.Tensor, mask: torch.Tensor, cuts: list[int]) -> tuple[to
 class MGSKD(Method):
     name = "mgskd"
     paper = "Liu et al. 2022"
-    adapted = "random contiguous spans instead of parsed phrases"
+    adapted = ("random contiguous spans instead of parsed phrases; relations of RMS-normalized states as mean "
+               "products (scale=token)")
     defaults = {"layer_map": "uniform", "lower_layers": 2, "heads": 8, "k1": 20, "k2": 20, "span_rate": 0.3,
-                "w_token": 1.0, "w_span": 1.0, "w_sample": 4.0, "seed": 0, "scale": "channel"}
+                "w_token": 1.0, "w_span": 1.0, "w_sample": 4.0, "seed": 0, "scale": "token"}
+    # token: each state divided by its own RMS, as the model's norm does before every block; the paper's
+    # BERT states come out of a LayerNorm, a pre-norm decoder's residual stream does not (SmolLM2's span
+    # relations at channel scale started at 327 and sent the gradient norm to 950 on the methods bench)
+    choices = {"scale": ("token", "channel", "raw")}
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
@@ -119,14 +126,21 @@ class MGSKD(Method):
         heads, k1, k2 = int(p["heads"]), int(p["k1"]), int(p["k2"])
         token = span = sample = out.logits.new_zeros(())
         cuts = self.spans(mask.shape[1], step)
+        per_dim = p["scale"] == "token"
         for i, (s_layer, t_layer) in enumerate(self.pairs):
-            s, t = out.hidden[s_layer].float(), self.hidden(batch.hidden[t_layer], t_layer)
+            s = out.hidden[s_layer].float()
+            if per_dim:
+                t = batch.hidden[t_layer].float()
+                s, t = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6), \
+                    t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6)
+            else:
+                t = self.hidden(batch.hidden[t_layer], t_layer)
             if p["scale"] == "channel":  # relations of both at their channel scale: massive channels are not all
                 s = own_channel_scale(s, mask)
             if i < int(p["lower_layers"]):
-                token = token + structure_loss(s, t, mask, heads, k1, k2)
+                token = token + structure_loss(s, t, mask, heads, k1, k2, per_dim)
                 (s_span, span_ok), (t_span, _) = span_means(s, mask, cuts), span_means(t, mask, cuts)
-                span = span + structure_loss(s_span, t_span, span_ok, heads, k1, k2)
+                span = span + structure_loss(s_span, t_span, span_ok, heads, k1, k2, per_dim)
             else:
                 s_ang = sample_angles(pool(s.float(), mask, "mean"), heads)
                 t_ang = sample_angles(pool(t, mask, "mean"), heads)
