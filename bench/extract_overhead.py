@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--interchange", default=None,
                     help="also time top-k plus DIITO's interventions at these teacher layers (e.g. 15)")
     ap.add_argument("--logit-rows", type=int, default=512)
+    ap.add_argument("--hidden-dtype", default="float16", help="float16 or bfloat16 (Gemma 3's states exceed float16)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--engines", default="hf,deepspeed-cpu,deepspeed-nvme",
                     help="comma list of hf, deepspeed-cpu, deepspeed-nvme")
@@ -122,7 +123,7 @@ def main() -> None:
     tokenizer = load_tokenizer(None, source)
     common = dict(teacher=source.name, data=[args.data], seq_len=args.seq_len, batch_size=args.batch_size,
                   top_k=args.top_k, temperatures=[float(t) for t in args.temperatures.split(",")],
-                  max_sequences=args.sequences, logit_rows=args.logit_rows, quiet=True,
+                  max_sequences=args.sequences, logit_rows=args.logit_rows, hidden_dtype=args.hidden_dtype, quiet=True,
                   overwrite=True, sequences_per_unit=args.batch_size * 2)
     print(f"teacher {teacher}\n{args.sequences} sequences x {args.seq_len} tokens, batch {args.batch_size}, "
           f"top-k {args.top_k}, temperatures {args.temperatures}, {torch.get_num_threads()} torch threads, best of {args.repeats}")

@@ -37,7 +37,8 @@ RECIPES = {"takd": "a chain of caches: examples/takd.toml", "albert": "a student
 
 def rows() -> list[tuple[str, list[str], bool]]:
     """(label, --method specs, multi-teacher) in table order."""
-    out = [("lm", ["lm"], False), ("kd", ["kd"], False), ("kd T=2", ["kd:temperature=2"], False),
+    out = [("lm", ["lm"], False), ("kd", ["kd"], False), ("kd + lm", ["kd", "lm:weight=0.5"], False),
+           ("kd T=2", ["kd:temperature=2"], False),
            ("kd sampled", ["kd:estimator=sampled"], False), ("annealing_kd", ["annealing_kd"], False),
            ("pd (after 200 lm steps)", ["pd"], False)]
     for name in LAYER_METHODS:
@@ -114,7 +115,8 @@ def main() -> None:
 
 def markdown(results: dict) -> str:
     lines = ["| method | held-out ppl | held-out KL to teacher | top-1 agreement | s/step |", "|---|---|---|---|---|"]
-    for label, r in results.items():
+    order = {label: i for i, (label, _, _) in enumerate(rows())}  # table order, whatever order rows were run in
+    for label, r in sorted(results.items(), key=lambda item: order.get(item[0], len(order))):
         if "error" in r:
             lines.append(f"| {label} | {r['error']} | | | |")
         else:
@@ -130,7 +132,8 @@ def plot(results: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = {k: v for k, v in results.items() if "error" not in v}
+    order = {label: i for i, (label, _, _) in enumerate(rows())}
+    done = {k: v for k, v in sorted(results.items(), key=lambda item: order.get(item[0], len(order))) if "error" not in v}
     labels = list(done)
     fig, ax = plt.subplots(figsize=(7, 0.28 * len(labels) + 1))
     ax.barh(labels, [done[k]["eval/ppl"] for k in labels], color="#4c72b0")
