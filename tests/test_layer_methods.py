@@ -363,3 +363,19 @@ def test_extract_for_methods_chooses_the_layers_they_need(teachers, corpus, tmp_
     missing = kdpipe("extract", "--teacher", teachers["llama"], "--data", corpus, "--out", tmp_path / "d",
                      "--for-methods", "tinybert")
     assert missing.exit_code == 2 and "--student-layers" in missing.stderr
+
+
+def test_intermediate_layer_methods_weigh_a_tenth_by_default_and_the_user_decides():
+    """Layer methods are auxiliaries to an output loss (0.1), output losses count fully (1); weight= overrides."""
+    from kdpipe.stage2_distill.methods import METHODS
+    from kdpipe.stage2_distill.methods.base import checked_params
+
+    layer = {"tinybert", "minilm", "minilmv2", "mobilebert", "pkd", "sid", "alp_kd", "ckd", "universal_kd",
+             "rail_kd", "mgskd", "lrc_bert"}
+    assert {name for name, cls in METHODS.items() if cls.default_weight == 0.1} == layer
+    assert all(METHODS[name].default_weight == 1.0 for name in ("kd", "lm", "distilbert", "diito", "theseus"))
+    ctx = Context(teacher=teacher_info(), temperatures=[1.0], student_layers=2, student_hidden=32, total_steps=10,
+                  cached_hidden=[1, 2, 3, 4], teacher_attention_scaling=0.5)
+    assert PKD({}, ctx).weight == 0.1 and PKD({"weight": 2.0}, ctx).weight == 2.0
+    with pytest.raises(UserError, match="weight"):
+        checked_params(PKD, {"weight": -1.0})

@@ -24,6 +24,7 @@ class ALPKD(Method):
     name = "alp_kd"
     paper = "Passban et al. 2021"
     adapted = "pooled hidden states instead of [CLS]"
+    default_weight = 0.1
     defaults = {"pooling": "mean", "scale": "channel"}
 
     def __init__(self, params, ctx):

@@ -44,6 +44,7 @@ def window(n: int, w: int, device) -> torch.Tensor:
 class CKD(Method):
     name = "ckd"
     paper = "Park et al. 2021"
+    default_weight = 0.1
     defaults = {"layer_map": "uniform", "window": 5, "alpha_wr_dist": 1.0, "alpha_wr_angle": 1.0,
                 "alpha_ltr_dist": 1.0, "alpha_ltr_angle": 1.0, "scale": "channel"}
 

@@ -40,6 +40,7 @@ class LRCBERT(Method):
     name = "lrc_bert"
     paper = "Fu et al. 2021"
     adapted = "no gradient-perturbation stage"
+    default_weight = 0.1
     defaults = {"layer_map": "uniform", "scale": "channel"}
 
     def __init__(self, params, ctx):

@@ -93,6 +93,7 @@ class MGSKD(Method):
     paper = "Liu et al. 2022"
     adapted = ("random contiguous spans instead of parsed phrases; relations of RMS-normalized states as mean "
                "products (scale=token)")
+    default_weight = 0.1
     defaults = {"layer_map": "uniform", "lower_layers": 2, "heads": 8, "k1": 20, "k2": 20, "span_rate": 0.3,
                 "w_token": 1.0, "w_span": 1.0, "w_sample": 4.0, "seed": 0, "scale": "token"}
     # token: each state divided by its own RMS, as the model's norm does before every block; the paper's

@@ -43,6 +43,7 @@ class MiniLM(BlockPairMethod):
     name = "minilm"
     paper = "Wang et al. 2020"
     adapted = "head-mean attention and re-split value relations when head counts differ"
+    default_weight = 0.1
     defaults = {**BlockPairMethod.defaults, "alpha_at": 1.0, "alpha_vr": 1.0}
 
     def needs(self) -> Needs:

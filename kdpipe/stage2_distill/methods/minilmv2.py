@@ -20,6 +20,7 @@ from kdpipe.stage2_distill.methods.base import BlockPairMethod, register
 class MiniLMv2(BlockPairMethod):
     name = "minilmv2"
     paper = "Wang et al. 2021"
+    default_weight = 0.1
     defaults = {**BlockPairMethod.defaults, "relation_heads": 0}  # 0: as many relation heads as the fewer heads
 
     def loss(self, batch, out, step):

@@ -23,6 +23,7 @@ class MobileBERT(Method):
     name = "mobilebert"
     paper = "Sun et al. 2020"
     adapted = "lower layers stay trainable in progressive mode; head-mean attention when head counts differ"
+    default_weight = 0.1
     defaults = {"layer_map": "uniform", "alpha_fmt": 1.0, "alpha_at": 1.0, "progressive": False, "scale": "channel"}
 
     def __init__(self, params, ctx):

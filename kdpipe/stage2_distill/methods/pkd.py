@@ -25,6 +25,7 @@ class PKD(Method):
     name = "pkd"
     paper = "Sun et al. 2019"
     adapted = "pooled hidden states (mean, last, first token, or every token) instead of [CLS]"
+    default_weight = 0.1
     # beta: the paper searched {10, 100, 500, 1000} on BERT's [CLS]; on a decoder's mean-pooled states 100 left
     # the patient term 12x the KD term after 200 steps of the methods bench (ppl 628 against kd's 383)
     defaults = {"alpha": 0.5, "beta": 10.0, "temperature": 2.0, "strategy": "skip", "pooling": "mean",

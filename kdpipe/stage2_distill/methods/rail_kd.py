@@ -24,6 +24,7 @@ class RAILKD(Method):
     name = "rail_kd"
     paper = "Haidar et al. 2022"
     adapted = "pooled hidden states instead of [CLS]; redrawn every N steps rather than per epoch"
+    default_weight = 0.1
     defaults = {"redraw_every": 100, "seed": 0, "pooling": "mean", "scale": "channel"}
 
     def __init__(self, params, ctx):

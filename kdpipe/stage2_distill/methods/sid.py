@@ -27,6 +27,7 @@ class SID(Method):
     name = "sid"
     paper = "Aguilar et al. 2020"
     adapted = "pooled hidden states instead of [CLS]; learned layers stay trainable; stages by step count"
+    default_weight = 0.1
     defaults = {"layer_map": "uniform", "pooling": "mean", "alpha_att": 1.0, "temperature": 1.0,
                 "estimator": "bucket", "scale": "channel"}
 

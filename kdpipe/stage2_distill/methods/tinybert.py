@@ -28,6 +28,7 @@ class TinyBERT(Method):
     name = "tinybert"
     paper = "Jiao et al. 2020"
     adapted = "one run with weighted terms (two runs give the staged recipe); head-mean scores when head counts differ"
+    default_weight = 0.1
     defaults = {"alpha_emb": 1.0, "alpha_hid": 1.0, "alpha_att": 1.0, "alpha_pred": 1.0, "temperature": 1.0,
                 "layer_map": "uniform", "estimator": "bucket", "scale": "channel"}
 

@@ -32,6 +32,7 @@ class UniversalKD(Method):
     paper = "Wu et al. 2021"
     adapted = ("pooled hidden states instead of [CLS]; the teacher grounded by a fixed seeded projection of its "
                "standardized states (the cache has no teacher classifier), the student by learned maps")
+    default_weight = 0.1
     defaults = {"pooling": "mean", "size": 0, "seed": 0}
 
     def __init__(self, params, ctx):
