@@ -72,6 +72,10 @@ def test_demo_runs_offline_and_reports_what_it_wrote(tmp_path):
     assert report["after"]["eval/ppl"] < report["before"]["eval/ppl"], "the student's held-out perplexity fell"
     assert report["after"]["eval/kl_teacher"] < report["before"]["eval/kl_teacher"]
     assert f"{report['before']['eval/ppl']:.1f} -> {report['after']['eval/ppl']:.1f}" in result.stdout
+    # the teacher on the same held-out sequences: far ahead of a 12-step student, and its own cache's distribution
+    teacher = report["teacher"]
+    assert teacher["eval/ppl"] < report["after"]["eval/ppl"] / 5 and f"(teacher: {teacher['eval/ppl']:.1f})" in result.stdout
+    assert abs(teacher["eval/kl_teacher"]) < 2e-3 and teacher["eval/top1_agreement"] > 0.99
     root = Path(report["cache"])  # every array's files (chunks and metadata), not the group-level zarr.json files
     on_disk = {g: sum(f.stat().st_size for f in (root / g).rglob("*") if f.is_file() and f.parent != root / g)
                for g in report["cache_bytes_by_signal"]}

@@ -18,6 +18,7 @@ from kdpipe.pipeline.report import cache_summary
 from kdpipe.modelio import smollm2_gguf
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
 from kdpipe.jsonfile import read_json, write_json
+from kdpipe.stage2_distill.evaluate import evaluate_model
 from kdpipe.stage2_distill.trainer import DistillConfig, distill
 from kdpipe.storage.verify import verify
 from kdpipe.storage.writer import read_manifest
@@ -87,6 +88,10 @@ def run_demo(out: str, sequences: int, seq_len: int, steps: int, quiet: bool) ->
         groups[a["name"].split("/")[0]] = groups.get(a["name"].split("/")[0], 0) + a["stored_bytes"]
     report_file = root / "report.json"
     old = read_json(report_file) or {}  # speeds of the runs that did the work, when this one had none to do
+    # the teacher on the same held-out sequences: the baseline the student distils toward (its KL to its own
+    # cache is ~0 and its top-1 agreement 100%, which also checks the cache against the model)
+    teacher_eval = old.get("teacher") if trained.already_finished and old.get("teacher") else \
+        evaluate_model(str(teacher), cache, str(run_dir), None, 8, "cpu")
     report = {
         "cache": cache, "cache_bytes_by_signal": groups, "tokens": summary["manifest"]["data"]["num_tokens"],
         "extract_tokens_per_s": extracted.tokens_per_second if extracted.tokens_written
@@ -95,7 +100,8 @@ def run_demo(out: str, sequences: int, seq_len: int, steps: int, quiet: bool) ->
         "student": DEMO_STUDENT, "steps": trained.steps,
         "distill_tokens_per_s": old.get("distill_tokens_per_s") if trained.already_finished
         else trained.tokens_per_second,
-        "before": trained.initial, "after": trained.final, "student_dir": str(run_dir / "student"),
+        "before": trained.initial, "after": trained.final, "teacher": teacher_eval,
+        "student_dir": str(run_dir / "student"),
         "metrics": str(run_dir / "metrics.jsonl"), "plot": str(png),
     }
     write_json(report_file, report)
@@ -117,7 +123,9 @@ def print_report(path: Path) -> None:
         click.echo(f"    {group:10} {size / 2**20:8.2f} MiB  ({size / r['tokens']:.1f} B/token)")
     click.echo(f"  student           {r['student']}, {r['steps']} steps from the cache alone at "
                f"{_rate(r['distill_tokens_per_s'])}")
-    click.echo(f"  held-out perplexity  {b['eval/ppl']:.1f} -> {a['eval/ppl']:.1f}")
+    t = r.get("teacher") or {}
+    teacher = f"   (teacher: {t['eval/ppl']:.1f})" if "eval/ppl" in t else ""
+    click.echo(f"  held-out perplexity  {b['eval/ppl']:.1f} -> {a['eval/ppl']:.1f}{teacher}")
     click.echo(f"  KL to the teacher    {b['eval/kl_teacher']:.3f} -> {a['eval/kl_teacher']:.3f} nats/token")
     click.echo(f"  top-1 agreement      {b['eval/top1_agreement']:.1%} -> {a['eval/top1_agreement']:.1%}")
     click.echo(f"  loss curves       {r['plot']}")
