@@ -27,6 +27,27 @@ def test_sources_text_jsonl_directories_and_globs(tmp_path):
         list(iter_documents([tmp_path / "bad.jsonl"]))
 
 
+def test_compressed_jsonl_reads_as_the_plain_file_does(tmp_path):
+    """.jsonl.gz and .jsonl.zst are streamed through their decompressor: same documents, same order; found in
+    directories like plain jsonl; a truncated stream is one clear error, not a traceback."""
+    import gzip
+
+    zstandard = pytest.importorskip("zstandard")
+    records = [{"text": f"document {i} " + "word " * (i % 7), "id": i} for i in range(500)]
+    raw = "".join(json.dumps(r) + "\n" for r in records).encode()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_bytes(raw)
+    (tmp_path / "d" / "b.jsonl.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "d" / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    files = expand_sources([str(tmp_path / "d")])
+    assert [f.name for f in files] == ["a.jsonl", "b.jsonl.gz", "c.jsonl.zst"]
+    docs = [list(iter_documents([f])) for f in files]
+    assert docs[0] == [r["text"] for r in records] and docs[1] == docs[0] and docs[2] == docs[0]
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(raw)[:-40])
+    with pytest.raises(UserError, match="cut.jsonl.gz cannot be read to the end"):
+        list(iter_documents([tmp_path / "cut.jsonl.gz"]))
+
+
 def test_packed_blocks_are_the_documents_joined_by_eos():
     tok = make_tokenizer()
     docs = ["the of and to in a is", "that for it", "as was with be by on not he this are or his"]

@@ -1,9 +1,11 @@
-"""Corpus ingestion and packing: text files, jsonl with a text field, directories and globs ->
-blocks of `seq_len` token ids."""
+"""Corpus ingestion and packing: text files, jsonl with a text field (plain, .gz or .zst, read as a stream),
+directories and globs -> blocks of `seq_len` token ids."""
 
 from __future__ import annotations
 
 import glob
+import gzip
+import io
 import json
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -14,6 +16,31 @@ from kdpipe.errors import UserError
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+COMPRESSED = (".gz", ".zst")
+
+
+def is_jsonl(path: Path) -> bool:
+    """`.jsonl`/`.ndjson`, plain or compressed (`.jsonl.gz`, `.jsonl.zst`)."""
+    name = path.name.lower()
+    for ending in COMPRESSED:
+        if name.endswith(ending):
+            name = name[: -len(ending)]
+    return Path(name).suffix in JSONL_SUFFIXES
+
+
+def open_jsonl(path: Path):
+    """A text stream over a jsonl file, decompressed on the fly (never read whole)."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    if name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise UserError(f"{path} is zstd-compressed: pip install zstandard (or kdpipe[zstd])") from None
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True),
+                                encoding="utf-8")
+    return open(path, encoding="utf-8")
 
 
 def expand_sources(patterns: Sequence[str]) -> list[Path]:
@@ -26,12 +53,13 @@ def expand_sources(patterns: Sequence[str]) -> list[Path]:
         for match in map(Path, matches):
             if match.is_dir():
                 found = sorted(p for p in match.rglob("*") if p.is_file())
-                readable = [p for p in found if p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES]
+                readable = [p for p in found if p.suffix.lower() in TEXT_SUFFIXES or is_jsonl(p)]
                 if not readable:
                     skipped = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
                     raise UserError(f"no text or jsonl files under {match}" + (f" (skipped: {skipped})" if found else
                                                                                " (it is empty)")
-                                    + f": kdpipe reads {', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))}")
+                                    + f": kdpipe reads {', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))} "
+                                      f"(jsonl also as .gz or .zst)")
                 files += readable
             else:
                 files.append(match)
@@ -41,9 +69,9 @@ def expand_sources(patterns: Sequence[str]) -> list[Path]:
 def iter_documents(files: Sequence[Path], text_field: str = "text") -> Iterator[str]:
     """One document per text file, one per jsonl line."""
     for path in files:
-        if path.suffix.lower() in JSONL_SUFFIXES:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
+        if is_jsonl(path):
+            with open_jsonl(path) as f:
+                for lineno, line in _lines(f, path):
                     if not line.strip():
                         continue
                     try:
@@ -61,6 +89,15 @@ def iter_documents(files: Sequence[Path], text_field: str = "text") -> Iterator[
                 yield path.read_text(encoding="utf-8")
             except UnicodeDecodeError:
                 raise UserError(f"{path} is not UTF-8 text: convert it, or leave it out of --data") from None
+
+
+def _lines(f, path: Path):
+    """Numbered lines of a (possibly compressed) stream; a damaged or non-UTF-8 stream is one clear error."""
+    try:
+        yield from enumerate(f, 1)
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:  # gzip/zstd damage, bad bytes
+        raise UserError(f"{path} cannot be read to the end ({type(exc).__name__}: {exc}): re-create or leave it "
+                        f"out of --data") from None
 
 
 def starts_with_bos(tokenizer) -> int | None:
