@@ -48,6 +48,30 @@ def test_compressed_jsonl_reads_as_the_plain_file_does(tmp_path):
         list(iter_documents([tmp_path / "cut.jsonl.gz"]))
 
 
+def test_parquet_files_and_shard_directories_read_their_text_column_in_batches(tmp_path):
+    """Parquet rows in order across row groups and batches (3,000 rows > one 1,024-row batch), only the text
+    column; shard directories found like text; a wrong column or type is one line naming --text-field."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts = [f"row {i} " + "x" * (i % 5) for i in range(3000)]
+    texts[7] = None  # a null row is no document
+    table = pa.table({"id": list(range(3000)), "text": texts, "n": [float(i) for i in range(3000)]})
+    (tmp_path / "shards").mkdir()
+    pq.write_table(table.slice(0, 1800), tmp_path / "shards" / "part-0.parquet", row_group_size=500)
+    pq.write_table(table.slice(1800), tmp_path / "shards" / "part-1.parquet", row_group_size=500)
+    files = expand_sources([str(tmp_path / "shards")])
+    assert [f.name for f in files] == ["part-0.parquet", "part-1.parquet"]
+    assert list(iter_documents(files)) == [t for t in texts if t]
+    with pytest.raises(UserError, match="no column 'body' \\(it has: id, text, n\\): set --text-field"):
+        list(iter_documents(files, text_field="body"))
+    with pytest.raises(UserError, match="column 'n' holds double, not text"):
+        list(iter_documents(files, text_field="n"))
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(UserError, match="bad.parquet is not a readable parquet file"):
+        list(iter_documents([tmp_path / "bad.parquet"]))
+
+
 def test_packed_blocks_are_the_documents_joined_by_eos():
     tok = make_tokenizer()
     docs = ["the of and to in a is", "that for it", "as was with be by on not he this are or his"]

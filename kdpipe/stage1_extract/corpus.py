@@ -1,5 +1,5 @@
 """Corpus ingestion and packing: text files, jsonl with a text field (plain, .gz or .zst, read as a stream),
-directories and globs -> blocks of `seq_len` token ids."""
+parquet files (columnar.py), directories and globs -> blocks of `seq_len` token ids."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from kdpipe.errors import UserError
+from kdpipe.stage1_extract.columnar import PARQUET_SUFFIXES, iter_parquet
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
@@ -53,12 +54,13 @@ def expand_sources(patterns: Sequence[str]) -> list[Path]:
         for match in map(Path, matches):
             if match.is_dir():
                 found = sorted(p for p in match.rglob("*") if p.is_file())
-                readable = [p for p in found if p.suffix.lower() in TEXT_SUFFIXES or is_jsonl(p)]
+                readable = [p for p in found if p.suffix.lower() in TEXT_SUFFIXES | PARQUET_SUFFIXES or is_jsonl(p)]
                 if not readable:
                     skipped = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
                     raise UserError(f"no text or jsonl files under {match}" + (f" (skipped: {skipped})" if found else
                                                                                " (it is empty)")
-                                    + f": kdpipe reads {', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))} "
+                                    + f": kdpipe reads "
+                                      f"{', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES | PARQUET_SUFFIXES))} "
                                       f"(jsonl also as .gz or .zst)")
                 files += readable
             else:
@@ -67,9 +69,11 @@ def expand_sources(patterns: Sequence[str]) -> list[Path]:
 
 
 def iter_documents(files: Sequence[Path], text_field: str = "text") -> Iterator[str]:
-    """One document per text file, one per jsonl line."""
+    """One document per text file, one per jsonl line, one per parquet row."""
     for path in files:
-        if is_jsonl(path):
+        if path.suffix.lower() in PARQUET_SUFFIXES:
+            yield from iter_parquet(path, text_field)
+        elif is_jsonl(path):
             with open_jsonl(path) as f:
                 for lineno, line in _lines(f, path):
                     if not line.strip():
