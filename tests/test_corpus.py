@@ -43,9 +43,18 @@ def test_compressed_jsonl_reads_as_the_plain_file_does(tmp_path):
     assert [f.name for f in files] == ["a.jsonl", "b.jsonl.gz", "c.jsonl.zst"]
     docs = [list(iter_documents([f])) for f in files]
     assert docs[0] == [r["text"] for r in records] and docs[1] == docs[0] and docs[2] == docs[0]
+    # two frames (as pzstd and appending writers make) read as one stream
+    half = raw.index(b"\n", len(raw) // 2) + 1
+    frames = zstandard.ZstdCompressor().compress(raw[:half]) + zstandard.ZstdCompressor().compress(raw[half:])
+    (tmp_path / "two.jsonl.zst").write_bytes(frames)
+    assert list(iter_documents([tmp_path / "two.jsonl.zst"])) == docs[0]
+    # a file cut short, or not compressed at all, is never a shorter corpus: one clear line
     (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(raw)[:-40])
-    with pytest.raises(UserError, match="cut.jsonl.gz cannot be read to the end"):
-        list(iter_documents([tmp_path / "cut.jsonl.gz"]))
+    (tmp_path / "cut.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw)[:-40])
+    (tmp_path / "plain.jsonl.zst").write_bytes(raw)
+    for name in ("cut.jsonl.gz", "cut.jsonl.zst", "plain.jsonl.zst"):
+        with pytest.raises(UserError, match=f"{name} cannot be read to the end"):
+            list(iter_documents([tmp_path / name]))
 
 
 def test_parquet_files_and_shard_directories_read_their_text_column_in_batches(tmp_path):

@@ -1,11 +1,9 @@
-"""Corpus ingestion and packing: text files, jsonl with a text field (plain, .gz or .zst, read as a stream),
+"""Corpus ingestion and packing: text files, jsonl with a text field (plain, .gz or .zst: streams.py),
 parquet files (columnar.py), directories and globs -> blocks of `seq_len` token ids."""
 
 from __future__ import annotations
 
 import glob
-import gzip
-import io
 import json
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -14,34 +12,9 @@ import numpy as np
 
 from kdpipe.errors import UserError
 from kdpipe.stage1_extract.columnar import PARQUET_SUFFIXES, iter_parquet
+from kdpipe.stage1_extract.streams import JSONL_SUFFIXES, is_jsonl, open_jsonl
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
-JSONL_SUFFIXES = {".jsonl", ".ndjson"}
-COMPRESSED = (".gz", ".zst")
-
-
-def is_jsonl(path: Path) -> bool:
-    """`.jsonl`/`.ndjson`, plain or compressed (`.jsonl.gz`, `.jsonl.zst`)."""
-    name = path.name.lower()
-    for ending in COMPRESSED:
-        if name.endswith(ending):
-            name = name[: -len(ending)]
-    return Path(name).suffix in JSONL_SUFFIXES
-
-
-def open_jsonl(path: Path):
-    """A text stream over a jsonl file, decompressed on the fly (never read whole)."""
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    if name.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError:
-            raise UserError(f"{path} is zstd-compressed: pip install zstandard (or kdpipe[zstd])") from None
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True),
-                                encoding="utf-8")
-    return open(path, encoding="utf-8")
 
 
 def expand_sources(patterns: Sequence[str]) -> list[Path]:
