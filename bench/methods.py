@@ -113,10 +113,15 @@ def main() -> None:
     plot(results, work / "methods.png")
 
 
+def in_table_order(results: dict) -> dict:
+    """`results` in rows() order, whatever order the rows were run in (unknown labels last)."""
+    order = {label: i for i, (label, _, _) in enumerate(rows())}
+    return dict(sorted(results.items(), key=lambda item: order.get(item[0], len(order))))
+
+
 def markdown(results: dict) -> str:
     lines = ["| method | held-out ppl | held-out KL to teacher | top-1 agreement | s/step |", "|---|---|---|---|---|"]
-    order = {label: i for i, (label, _, _) in enumerate(rows())}  # table order, whatever order rows were run in
-    for label, r in sorted(results.items(), key=lambda item: order.get(item[0], len(order))):
+    for label, r in in_table_order(results).items():
         if "error" in r:
             lines.append(f"| {label} | {r['error']} | | | |")
         else:
@@ -132,8 +137,7 @@ def plot(results: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = {label: i for i, (label, _, _) in enumerate(rows())}
-    done = {k: v for k, v in sorted(results.items(), key=lambda item: order.get(item[0], len(order))) if "error" not in v}
+    done = {k: v for k, v in in_table_order(results).items() if "error" not in v}
     labels = list(done)
     fig, ax = plt.subplots(figsize=(7, 0.28 * len(labels) + 1))
     ax.barh(labels, [done[k]["eval/ppl"] for k in labels], color="#4c72b0")

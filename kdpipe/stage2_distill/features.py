@@ -33,6 +33,12 @@ def own_channel_scale(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x / (ms + 1e-6 * ms.mean() + 1e-12).sqrt()
 
 
+def own_token_scale(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] states, each divided by its own RMS over the features: what a model's RMSNorm sees (weights
+    aside), so one token's massive activations do not set every relation's scale."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
 def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error of [B, T, H] states over valid tokens and features (padding left out)."""
     valid = mask.unsqueeze(-1).to(teacher.dtype)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.errors import UserError
-from kdpipe.stage2_distill.features import own_channel_scale, pool
+from kdpipe.stage2_distill.features import own_channel_scale, own_token_scale, pool
 from kdpipe.stage2_distill.layermap import map_layers
 from kdpipe.stage2_distill.methods.base import Method, Needs, register
 
@@ -131,9 +131,7 @@ class MGSKD(Method):
         for i, (s_layer, t_layer) in enumerate(self.pairs):
             s = out.hidden[s_layer].float()
             if per_dim:
-                t = batch.hidden[t_layer].float()
-                s, t = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6), \
-                    t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6)
+                s, t = own_token_scale(s), own_token_scale(batch.hidden[t_layer].float())
             else:
                 t = self.hidden(batch.hidden[t_layer], t_layer)
             if p["scale"] == "channel":  # relations of both at their channel scale: massive channels are not all
