@@ -65,13 +65,19 @@ def cli() -> None:
 @config_option("extract")
 @click.option("--teacher", required=True, help="Teacher: a Hugging Face model directory, or a .gguf file.")
 @click.option("--data", multiple=True, required=True,
-              help="Corpus: text files, .jsonl files, directories or globs. Repeat for several.")
+              help="Corpus: text, .jsonl(.gz/.zst), parquet or Arrow files, datasets.save_to_disk directories, "
+                   "directories or globs. Repeat for several.")
 @click.option("--out", required=True, help="Output teacher cache (a directory).")
 @click.option("--tokenizer", default=None, help="Tokenizer path if not the teacher's own.")
-@click.option("--text-field", default="text", help="Field holding the text in .jsonl files.")
+@click.option("--text-field", default="text", help="Field (jsonl) or column (parquet, Arrow) holding the text.")
+@click.option("--messages-field", default=None,
+              help="Chat data: the field holding each conversation, a list of {role, content} (e.g. messages); "
+                   "rendered with the tokenizer's chat template, the assistant's tokens learned.")
+@click.option("--learn-all-tokens", is_flag=True, help="Chat data: learn every token, not only the assistant's.")
 @click.option("--seq-len", type=int, default=256, help="Tokens per sequence.")
 @click.option("--packing", type=click.Choice(["packed", "padded"]), default="packed",
-              help="packed: documents joined with EOS into full blocks; padded: one document per row, lengths stored.")
+              help="packed: documents joined with EOS into full blocks (a conversation that fits is not cut); "
+                   "padded: one document per row, lengths stored (no conversation sees another).")
 @click.option("--keep-tail", is_flag=True,
               help="packed: keep the corpus tail that does not fill a last block, padded (its length stored).")
 @click.option("--batch-size", type=int, default=8, help="Sequences per teacher forward.")

@@ -29,6 +29,17 @@ def make_tokenizer():
                                    bos_token="[BOS]", eos_token="[EOS]")
 
 
+# ChatML's shape in the tiny vocabulary: [BOS] role content [EOS], with "you" the user and "me" the assistant
+CHAT_TEMPLATE = ("{% for m in messages %}[BOS] {{ {'user': 'you', 'assistant': 'me', 'system': 'we'}[m['role']] }} "
+                 "{{ m['content'] }} [EOS] {% endfor %}{% if add_generation_prompt %}[BOS] me {% endif %}")
+
+
+def make_chat_tokenizer():
+    tok = make_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 FAMILIES = ("llama", "gpt2", "qwen2", "mistral", "gemma3", "phi3", "granite", "gpt_neox", "opt", "cohere")
 WINDOW = 8  # the sliding window of the windowed families, shorter than the test sequences
 

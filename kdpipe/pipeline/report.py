@@ -78,7 +78,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"teacher   {t['name']}  {t['architecture']}  layers={t['num_layers']} hidden={t['hidden_size']} "
         f"heads={t['num_heads']}/{t['num_kv_heads']} vocab={t['vocab_size']} dtype={t['dtype']}",
         f"data      {d['num_sequences']} x {d['seq_len']} tokens ({d['packing']}), {d['num_tokens']} valid, "
-        f"fingerprint {d['fingerprint'][:16]}",
+        + (f"chat: {d.get('learned_tokens')} learned ({d['loss_mask']} tokens), " if d.get("loss_mask") else "")
+        + f"fingerprint {d['fingerprint'][:16]}",
         f"signals   {describe_signals(sig)}",
         f"layout    {plural(lay['sequences_per_unit'], 'sequence')} per unit, {lay['sequences_per_chunk']} per chunk; "
         f"engine {m['engine']['name']} on {m['engine']['device']}",

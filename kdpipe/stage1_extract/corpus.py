@@ -1,24 +1,36 @@
-"""Corpus ingestion and packing: text files, jsonl with a text field (plain, .gz or .zst: streams.py),
-parquet files (columnar.py), directories and globs -> blocks of `seq_len` token ids."""
+"""Corpus ingestion: text files, jsonl with a text or messages field (plain, .gz or .zst: streams.py), parquet
+and Arrow files and `datasets` directories (columnar.py), directories and globs -> token pieces for packing.py.
+Everything streams: a text file is read in pieces, a columnar file a batch of rows at a time."""
 
 from __future__ import annotations
 
 import glob
 import json
+import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
-
 from kdpipe.errors import UserError
-from kdpipe.stage1_extract.columnar import PARQUET_SUFFIXES, iter_parquet
+from kdpipe.stage1_extract.chat import render_conversation
+from kdpipe.stage1_extract.columnar import ARROW_SUFFIXES, PARQUET_SUFFIXES, dataset_files, iter_column
+from kdpipe.stage1_extract.packing import Piece
 from kdpipe.stage1_extract.streams import JSONL_SUFFIXES, is_jsonl, open_jsonl
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
+COLUMNAR_SUFFIXES = PARQUET_SUFFIXES | ARROW_SUFFIXES
+PIECE_CHARS = 1 << 20  # a text file above 4 pieces is read and tokenized a piece at a time
+# a piece ends at a newline between two non-blank characters: BPE pre-tokenizers split there anyway, so the
+# pieces tokenize to the ids of the whole text (a blank line could merge with the next one's newline)
+PIECE_END = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+class Continued(str):
+    """The next piece of the document before it: no separator, no BOS between them."""
 
 
 def expand_sources(patterns: Sequence[str]) -> list[Path]:
-    """Files named by paths, directories (searched recursively for text and jsonl files) and globs, sorted."""
+    """Files named by paths, directories (searched recursively; a `datasets` directory gives its own shards in
+    order) and globs, sorted."""
     files: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [pattern]
@@ -26,26 +38,33 @@ def expand_sources(patterns: Sequence[str]) -> list[Path]:
             raise UserError(f"corpus path {pattern} matches nothing: check --data")
         for match in map(Path, matches):
             if match.is_dir():
-                found = sorted(p for p in match.rglob("*") if p.is_file())
-                readable = [p for p in found if p.suffix.lower() in TEXT_SUFFIXES | PARQUET_SUFFIXES or is_jsonl(p)]
-                if not readable:
-                    skipped = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
-                    raise UserError(f"no text or jsonl files under {match}" + (f" (skipped: {skipped})" if found else
-                                                                               " (it is empty)")
-                                    + f": kdpipe reads "
-                                      f"{', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES | PARQUET_SUFFIXES))} "
-                                      f"(jsonl also as .gz or .zst)")
-                files += readable
+                files += _directory_files(match)
             else:
                 files.append(match)
     return files
 
 
-def iter_documents(files: Sequence[Path], text_field: str = "text") -> Iterator[str]:
-    """One document per text file, one per jsonl line, one per parquet row."""
+def _directory_files(directory: Path) -> list[Path]:
+    shards = dataset_files(directory)
+    if shards is not None:
+        return shards
+    found = sorted(p for p in directory.rglob("*") if p.is_file())
+    readable = [p for p in found if p.suffix.lower() in TEXT_SUFFIXES | COLUMNAR_SUFFIXES or is_jsonl(p)]
+    if not readable:
+        skipped = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise UserError(f"no corpus files under {directory}" + (f" (skipped: {skipped})" if found else " (it is empty)")
+                        + f": kdpipe reads {', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES | COLUMNAR_SUFFIXES))} "
+                          f"(jsonl also as .gz or .zst) and datasets.save_to_disk directories")
+    return readable
+
+
+def iter_documents(files: Sequence[Path], field: str = "text", kind: str = "text") -> Iterator:
+    """One document per text file (in `Continued` pieces when large), per jsonl line, per columnar row.
+    `kind` "text": strings from `field`; "messages": chat conversations (lists of {role, content})."""
     for path in files:
-        if path.suffix.lower() in PARQUET_SUFFIXES:
-            yield from iter_parquet(path, text_field)
+        if path.suffix.lower() in COLUMNAR_SUFFIXES:
+            for value in iter_column(path, field, kind):
+                yield _checked(value, path, "row", kind, field) if kind == "messages" else value
         elif is_jsonl(path):
             with open_jsonl(path) as f:
                 for lineno, line in _lines(f, path):
@@ -55,17 +74,47 @@ def iter_documents(files: Sequence[Path], text_field: str = "text") -> Iterator[
                         record = json.loads(line)
                     except json.JSONDecodeError:
                         raise UserError(f"{path}:{lineno} is not valid JSON") from None
-                    if not isinstance(record, dict) or text_field not in record:
-                        raise UserError(f"{path}:{lineno} has no field {text_field!r}: set --text-field")
-                    if not isinstance(record[text_field], str):
-                        raise UserError(f"{path}:{lineno}: field {text_field!r} holds a "
-                                        f"{type(record[text_field]).__name__}, not text: set --text-field")
-                    yield record[text_field]
+                    flag = "--messages-field" if kind == "messages" else "--text-field"
+                    if not isinstance(record, dict) or field not in record:
+                        raise UserError(f"{path}:{lineno} has no field {field!r}: set {flag}")
+                    yield _checked(record[field], path, f"line {lineno}", kind, field)
+        elif kind == "messages":
+            raise UserError(f"{path} is plain text, not chat records: chat data is jsonl, parquet or Arrow with a "
+                            f"messages field")
         else:
-            try:
-                yield path.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{path} is not UTF-8 text: convert it, or leave it out of --data") from None
+            yield from _text_pieces(path)
+
+
+def _checked(value, path: Path, where: str, kind: str, field: str):
+    if kind == "text":
+        if not isinstance(value, str):
+            raise UserError(f"{path}:{where.split()[-1]}: field {field!r} holds a {type(value).__name__}, not text: "
+                            f"set --text-field")
+        return value
+    if not isinstance(value, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                              and isinstance(m.get("content"), str) for m in value):
+        raise UserError(f"{path} {where}: field {field!r} is not a list of {{role, content}} messages: set "
+                        f"--messages-field, or drop --messages-field for plain text")
+    return value
+
+
+def _text_pieces(path: Path) -> Iterator[str]:
+    try:
+        if path.stat().st_size <= 4 * PIECE_CHARS:
+            yield path.read_text(encoding="utf-8")
+            return
+        with open(path, encoding="utf-8") as f:
+            carry, first = "", True
+            while chunk := f.read(PIECE_CHARS):
+                carry += chunk
+                ends = [m.end() for m in PIECE_END.finditer(carry, max(0, len(carry) - PIECE_CHARS))]
+                if ends and ends[-1] < len(carry):
+                    yield carry[:ends[-1]] if first else Continued(carry[:ends[-1]])
+                    carry, first = carry[ends[-1]:], False
+            if carry:
+                yield carry if first else Continued(carry)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text: convert it, or leave it out of --data") from None
 
 
 def _lines(f, path: Path):
@@ -87,65 +136,28 @@ def starts_with_bos(tokenizer) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
-def tokenize_documents(docs: Iterator[str], tokenizer, batch: int = 64) -> Iterator[list[int]]:
-    """Token ids of each non-empty document, with the BOS its tokenizer adds (but no EOS: packing adds it)."""
+def tokenize_documents(docs: Iterator, tokenizer, batch: int = 64, learn_all: bool = False) -> Iterator[Piece]:
+    """Token ids of each non-empty document, with the BOS its tokenizer adds (but no EOS: packing adds it).
+    A conversation is rendered with the tokenizer's chat template; its pieces say which ids are learned."""
     bos = starts_with_bos(tokenizer)
     pending: list[str] = []
+
+    def encoded():
+        if not pending:
+            return
+        for text, ids in zip(pending, tokenizer(pending, add_special_tokens=False)["input_ids"]):
+            continued = isinstance(text, Continued)
+            yield Piece([bos, *ids] if bos is not None and not continued else ids, continued)
+
     for doc in docs:
+        if isinstance(doc, list):
+            yield from encoded()
+            pending = []
+            yield render_conversation(doc, tokenizer, learn_all)
+            continue
         if doc.strip():
             pending.append(doc)
         if len(pending) == batch:
-            for ids in tokenizer(pending, add_special_tokens=False)["input_ids"]:
-                yield [bos, *ids] if bos is not None else ids
+            yield from encoded()
             pending = []
-    if pending:
-        for ids in tokenizer(pending, add_special_tokens=False)["input_ids"]:
-            yield [bos, *ids] if bos is not None else ids
-
-
-def pack(token_docs: Iterator[list[int]], seq_len: int, separator: int | None, packing: str,
-         pad_id: int, max_sequences: int | None = None, keep_tail: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
-    """Blocks [N, seq_len] int32, valid lengths [N], and the number of tokens dropped.
-
-    `packed`: documents joined with `separator` (EOS) between them, cut into full blocks; the last
-    partial block is dropped, or kept padded with its length stored (`keep_tail`). `padded`: each
-    document split into blocks of its own, the last one padded.
-    """
-    rows: list[np.ndarray] = []
-    lengths: list[int] = []
-    buffer: list[int] = []
-    dropped = 0
-    full = False
-    for doc in token_docs:
-        if packing == "packed":
-            buffer += doc + ([separator] if separator is not None else [])
-            while len(buffer) >= seq_len:
-                rows.append(np.asarray(buffer[:seq_len], dtype=np.int32))
-                lengths.append(seq_len)
-                buffer = buffer[seq_len:]
-                if max_sequences and len(rows) >= max_sequences:
-                    full = True
-                    break
-        else:
-            for start in range(0, len(doc), seq_len):
-                piece = doc[start:start + seq_len]
-                row = np.full(seq_len, pad_id, dtype=np.int32)
-                row[:len(piece)] = piece
-                rows.append(row)
-                lengths.append(len(piece))
-                if max_sequences and len(rows) >= max_sequences:
-                    full = True
-                    break
-        if full:
-            break
-    if packing == "packed" and not full and buffer:
-        if keep_tail:
-            row = np.full(seq_len, pad_id, dtype=np.int32)
-            row[:len(buffer)] = buffer
-            rows.append(row)
-            lengths.append(len(buffer))
-        else:
-            dropped = len(buffer)
-    if not rows:
-        raise UserError(f"the corpus holds fewer than {seq_len} tokens, not one block: add data or lower --seq-len")
-    return np.stack(rows), np.asarray(lengths, dtype=np.int32), dropped
+    yield from encoded()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
-import numpy as np
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -13,7 +13,9 @@ from tqdm import tqdm
 from kdpipe.console import quiet_libraries, say
 from kdpipe.capture import parse_layers, text_config
 from kdpipe.errors import UserError
-from kdpipe.stage1_extract.corpus import expand_sources, iter_documents, pack, tokenize_documents
+from kdpipe.stage1_extract.chat import check_chat_template
+from kdpipe.stage1_extract.corpus import expand_sources, iter_documents, tokenize_documents
+from kdpipe.stage1_extract.packing import TokenBlocks, pack
 from kdpipe.stage1_extract.engines import Ranks, load_deepspeed_teacher
 from kdpipe.stage1_extract.logits import LogitSpec, head_transform
 from kdpipe.stage1_extract.probe import probe
@@ -21,7 +23,6 @@ from kdpipe.stage1_extract.runner import UnitRunner
 from kdpipe.stage1_extract.teacher import (configure_threads, describe_teacher, describe_tokenizer, load_teacher,
                                            check_tokenizer, load_tokenizer, resolve_teacher, saved_files,
                                            weights_fingerprint)
-from kdpipe.storage.fingerprint import data_fingerprint
 from kdpipe.storage.manifest import DataInfo, EngineInfo, Layout, Manifest, SignalSpec
 from kdpipe.storage.schema import array_specs, unit_range
 from kdpipe.modelio import check_device, load_config
@@ -36,6 +37,8 @@ class ExtractConfig:
     out: str
     tokenizer: str | None = None
     text_field: str = "text"
+    messages_field: str | None = None  # chat records: rendered with the chat template, assistant tokens learned
+    learn_all_tokens: bool = False  # chat: every token is learned, not only the assistant's
     seq_len: int = 256
     packing: str = "packed"
     keep_tail: bool = False  # packed: keep the corpus tail that does not fill a block, padded
@@ -141,6 +144,8 @@ def _extract(cfg: ExtractConfig, source, files, ranks: Ranks, model, tokenizer) 
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer, source, cfg.trust_remote_code)
     if cfg.tokenizer:
         check_tokenizer(tokenizer, source, cfg.tokenizer, cfg.trust_remote_code)
+    if cfg.messages_field is not None:
+        check_chat_template(tokenizer)  # before the teacher loads
     engine = EngineInfo(name=cfg.engine, device=cfg.device, world_size=ranks.world)
     if cfg.engine == "deepspeed":
         engine.zero_stage, engine.offload = 3, cfg.offload
@@ -148,7 +153,16 @@ def _extract(cfg: ExtractConfig, source, files, ranks: Ranks, model, tokenizer) 
             model, _ = load_deepspeed_teacher(source, cfg.dtype, cfg.device, cfg.offload, cfg.nvme_path,
                                               cfg.deepspeed, cfg.trust_remote_code)
     model = model or load_teacher(source, cfg.dtype, cfg.device, cfg.trust_remote_code)
-    manifest, tokens, lengths = _plan(cfg, source, model, tokenizer, files, engine)
+    manifest, tokens = _plan(cfg, source, model, tokenizer, files, engine)
+    try:
+        return _run(cfg, source, ranks, model, tokenizer, manifest, tokens)
+    finally:
+        tokens.close()
+
+
+def _run(cfg: ExtractConfig, source, ranks: Ranks, model, tokenizer, manifest: Manifest,
+         tokens: TokenBlocks) -> ExtractResult:
+    lengths = tokens.lengths
     tokenizer_files = saved_files(tokenizer)
     manifest.tokenizer.files = {name: len(data) for name, data in tokenizer_files.items()}
     scale, softcap = head_transform(model)
@@ -163,7 +177,7 @@ def _extract(cfg: ExtractConfig, source, files, ranks: Ranks, model, tokenizer) 
 
     # rank 0 creates (or reopens) the store; the others open it once it exists, and all fail together
     group = ranks.first(lambda: prepare_store(cfg.out, manifest, tokens, lengths, cfg.resume, cfg.overwrite,
-                                              tokenizer_files))
+                                              tokenizer_files, tokens.masks if tokens.has_loss_mask else None))
     group = group if ranks.rank == 0 else open_store(cfg.out)
     pending = [u for u, done in enumerate(units_done(group)) if not done]
     mine = pending[ranks.rank::ranks.world]
@@ -233,12 +247,14 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
 
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
-    docs = tokenize_documents(iter_documents(files, cfg.text_field), tokenizer)
-    tokens, lengths, dropped = pack(docs, cfg.seq_len, eos, cfg.packing, pad, cfg.max_sequences, cfg.keep_tail)
-    unk = tokenizer.unk_token_id
-    if unk is not None:
-        valid = np.arange(cfg.seq_len)[None, :] < lengths[:, None]
-        share = float((tokens[valid] == unk).mean())
+    chat = cfg.messages_field is not None
+    docs = iter_documents(files, cfg.messages_field if chat else cfg.text_field, "messages" if chat else "text")
+    tokens, dropped = pack(tokenize_documents(docs, tokenizer, learn_all=cfg.learn_all_tokens), cfg.seq_len, eos,
+                           cfg.packing, pad, cfg.max_sequences, cfg.keep_tail, spool_dir=_spool_dir(cfg.out),
+                           unk_id=tokenizer.unk_token_id)
+    lengths = tokens.lengths
+    if tokenizer.unk_token_id is not None:
+        share = tokens.unknown_tokens / max(1, int(lengths.sum()))
         if share > 0.05:
             say(f"{share:.1%} of the corpus tokenized to the unknown token {tokenizer.unk_token!r}: check that the "
                 f"tokenizer is the teacher's own, and that --data is text it knows")
@@ -249,8 +265,9 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
         teacher=teacher,
         tokenizer=describe_tokenizer(tokenizer, cfg.tokenizer or source.name),
         data=DataInfo(sources=[str(f) for f in files], seq_len=cfg.seq_len, num_sequences=n, packing=cfg.packing,
-                      fingerprint=data_fingerprint([tokens], lengths, cfg.seq_len),
-                      num_tokens=int(lengths.sum()), dropped_tokens=dropped),
+                      fingerprint=tokens.fingerprint, num_tokens=int(lengths.sum()), dropped_tokens=dropped,
+                      loss_mask=("all" if cfg.learn_all_tokens else "assistant") if chat else None,
+                      learned_tokens=int(tokens.learned_tokens) if chat else None),
         signals=SignalSpec(top_k=cfg.top_k, temperatures=_with_unit_temperature(cfg.temperatures),
                            sample_count=cfg.sample_count, sample_temperature=cfg.sample_temperature, seed=cfg.seed,
                            logtail=True, sampled_logprobs=bool(cfg.sample_count),
@@ -264,7 +281,13 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
         engine=engine,
     )
     manifest.layout.codecs = {spec.name: spec.preset for spec in array_specs(manifest)}
-    return manifest, tokens, lengths
+    return manifest, tokens
+
+
+def _spool_dir(out: str) -> str | None:
+    """The packed corpus waits beside the store (a disk sized for it), not in a small /tmp."""
+    parent = Path(out).expanduser().resolve().parent
+    return str(parent) if parent.is_dir() else None
 
 
 def _batches(manifest: Manifest, units: list[int], batch_size: int) -> int:

@@ -97,6 +97,8 @@ class UnitReader:
             index = slice(unit * self.per, min((unit + 1) * self.per, self.cache.num_sequences))
             arrays = {"input_ids": self.cache.input_ids(index), "length": self.cache.lengths(index),
                       "sequence_ids": np.arange(index.start, index.stop)}
+            if self.cache.manifest.data.loss_mask:
+                arrays["loss_mask"] = self.cache.loss_mask(index)
             if self.needs.topk:
                 arrays["topk_ids"], arrays["topk_logprobs"], arrays["logsumexp"] = self.cache.topk_logprobs(index)
                 if self.cache.manifest.signals.logtail:
@@ -130,6 +132,7 @@ class UnitReader:
         return Batch(
             input_ids=pick["input_ids"].long(),
             mask=torch.arange(t)[None, :] < pick["length"][:, None],
+            loss_mask=pick.get("loss_mask"),
             topk_ids=pick.get("topk_ids"), topk_logprobs=pick.get("topk_logprobs"), logsumexp=pick.get("logsumexp"),
             logtail=pick.get("logtail"), sampled_ids=pick.get("sampled_ids"), sampled_counts=pick.get("sampled_counts"),
             sampled_logprobs=pick.get("sampled_logprobs"),

@@ -36,18 +36,19 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device, p
         batch = batch.to(device)
         mask = batch.mask.long() if padded else None
         logits = model(input_ids=batch.input_ids, attention_mask=mask, use_cache=False).logits.float()
-        n = batch.mask.sum().item()
-        n_lm = batch.mask[:, 1:].sum().item()
-        ce_sum += lm_loss(logits, batch.input_ids, batch.mask).item() * n_lm
+        predicts, targets = batch.predicts, batch.targets  # chat data: the assistant's tokens only
+        n = predicts.sum().item()
+        n_lm = targets[:, 1:].sum().item()
+        ce_sum += lm_loss(logits, batch.input_ids, targets).item() * n_lm
         if batch.topk_ids is not None:
             tail = None if batch.logtail is None else batch.logtail[..., 0]
-            kl_sum += bucket_kl(logits, batch.topk_ids, batch.topk_logprobs, 1.0, batch.mask, t_logtail=tail).item() * n
+            kl_sum += bucket_kl(logits, batch.topk_ids, batch.topk_logprobs, 1.0, predicts, t_logtail=tail).item() * n
             top1 = batch.topk_ids[..., 0]
         else:  # an importance-sampled cache: the unbiased KL estimate from the draws, the most drawn id as top-1
             kl_sum += sampled_kl(logits, batch.sampled_ids, batch.sampled_counts, batch.sampled_logprobs,
-                                 batch.mask).item() * n
+                                 predicts).item() * n
             top1 = batch.sampled_ids[..., 0]
-        agree += ((logits.argmax(-1) == top1) & batch.mask).sum().item()
+        agree += ((logits.argmax(-1) == top1) & predicts).sum().item()
         positions += n
         lm_positions += n_lm
     model.train(was_training)

@@ -10,13 +10,26 @@ from typing import Any, Iterable
 import numpy as np
 
 
+class DataHasher:
+    """The data fingerprint, fed rows of token ids in order (a corpus need not be in memory at once)."""
+
+    def __init__(self, seq_len: int):
+        self._h = hashlib.sha256(f"kdpipe-data-v1 seq_len={seq_len};".encode())
+
+    def update(self, block: np.ndarray) -> None:
+        self._h.update(np.ascontiguousarray(block, dtype="<i4").tobytes())
+
+    def finish(self, lengths: np.ndarray) -> str:
+        self._h.update(np.ascontiguousarray(lengths, dtype="<i4").tobytes())
+        return self._h.hexdigest()
+
+
 def data_fingerprint(blocks: Iterable[np.ndarray], lengths: np.ndarray, seq_len: int) -> str:
     """Two caches over the same token ids get the same fingerprint, whatever the teacher."""
-    h = hashlib.sha256(f"kdpipe-data-v1 seq_len={seq_len};".encode())
+    hasher = DataHasher(seq_len)
     for block in blocks:
-        h.update(np.ascontiguousarray(block, dtype="<i4").tobytes())
-    h.update(np.ascontiguousarray(lengths, dtype="<i4").tobytes())
-    return h.hexdigest()
+        hasher.update(block)
+    return hasher.finish(lengths)
 
 
 def vocab_fingerprint(vocab: dict[str, int]) -> str:

@@ -60,6 +60,9 @@ class DataInfo:
     fingerprint: str  # sha256 over all token ids and lengths
     num_tokens: int  # valid (non-padding) tokens
     dropped_tokens: int = 0
+    # chat data: `tokens/loss_mask` marks the tokens a student learns: "assistant" (its turns) or "all"
+    loss_mask: str | None = None
+    learned_tokens: int | None = None
 
 
 @dataclass
@@ -193,6 +196,7 @@ class Manifest:
             "data.fingerprint": self.data.fingerprint,
             "data.seq_len": self.data.seq_len,
             "data.packing": self.data.packing,
+            "data.loss_mask": self.data.loss_mask,
             "signals": signals,
             "layout": dataclasses.asdict(self.layout),
         }

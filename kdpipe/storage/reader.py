@@ -86,6 +86,10 @@ class TeacherCache:
     def lengths(self, index: Index = slice(None)) -> np.ndarray:
         return self._read("tokens/length", index)
 
+    def loss_mask(self, index: Index = slice(None)) -> np.ndarray | None:
+        """Chat data: 1 on the tokens a student learns; None when every token is."""
+        return self._read("tokens/loss_mask", index).astype(bool) if self.manifest.data.loss_mask else None
+
     def topk(self, index: Index = slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids int64, raw logits float32, logsumexp float32 [.., n_temps]) of the teacher's top-k."""
         ids, logprobs, lse = self.topk_logprobs(index)

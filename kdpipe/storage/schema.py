@@ -43,10 +43,11 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
     specs = [
         ArraySpec("tokens/input_ids", (n, t), "int32", "ids"),
         ArraySpec("tokens/length", (n,), "int32", "raw"),
+        *([ArraySpec("tokens/loss_mask", (n, t), "uint8", "ids")] if m.data.loss_mask else []),
         ArraySpec("logits/logsumexp", (n, t, len(s.temperatures)), "float32", "floats"),
     ]
     if s.top_k:  # --top-k 0: an importance-sampled cache, the draws alone
-        specs[2:2] = [ArraySpec("logits/topk_ids", (n, t, s.top_k), ids, "ids"),
+        specs[-1:-1] = [ArraySpec("logits/topk_ids", (n, t, s.top_k), ids, "ids"),
                       ArraySpec("logits/topk_values", (n, t, s.top_k), "float16", "floats")]
     if s.logtail and s.top_k:
         specs.append(ArraySpec("logits/logtail", (n, t, len(s.temperatures)), "float32", "floats"))

@@ -134,9 +134,10 @@ def identity_difference(existing: Manifest, wanted: Manifest) -> list[str]:
 
 def prepare_store(path: str | Path, manifest: Manifest, tokens: np.ndarray, lengths: np.ndarray,
                   resume: bool = False, overwrite: bool = False,
-                  tokenizer_files: dict[str, bytes] | None = None) -> zarr.Group:
-    """Create the store (or reopen it for `--resume`), with every array created and the token ids and
-    tokenizer files written. The caller holds the store's lock."""
+                  tokenizer_files: dict[str, bytes] | None = None, loss_mask=None) -> zarr.Group:
+    """Create the store (or reopen it for `--resume`), with every array created and the token ids (and chat
+    data's loss mask) and tokenizer files written. `tokens` and `loss_mask` are read by row ranges, a few
+    shards at a time: the corpus need not fit in memory. The caller holds the store's lock."""
     path = Path(path)
     existing = None
     if overwrite:
@@ -155,7 +156,13 @@ def prepare_store(path: str | Path, manifest: Manifest, tokens: np.ndarray, leng
         if existing is None:
             group.attrs["kdpipe"] = manifest.to_dict()
         _create_arrays(group, manifest)
-        writable(group, "tokens/input_ids")[:] = tokens
+        n, per_unit = manifest.data.num_sequences, manifest.layout.sequences_per_unit
+        step = per_unit * max(1, (1 << 20) // (per_unit * manifest.data.seq_len))  # whole shards, ~1M tokens
+        for name, rows in (("tokens/input_ids", tokens), ("tokens/loss_mask", loss_mask)):
+            if rows is not None:
+                array = writable(group, name)
+                for start in range(0, n, step):
+                    array[start:start + step] = rows[start:start + step]
         writable(group, "tokens/length")[:] = lengths
         if existing is None:  # a resumed store keeps the files it was made with (the tokenizer's hash matched)
             for name, file_name, _ in tokenizer_arrays(manifest):

@@ -40,5 +40,5 @@ class AnnealingKD(Method):
         if step < phase1:
             raw = batch.topk_logprobs + batch.logsumexp[..., :1]
             target = self.annealing_factor(step) * raw
-            return {"annealed_mse": topk_logit_mse(out.logits, batch.topk_ids, target, batch.mask)}
-        return {"hard": lm_loss(out.logits, batch.input_ids, batch.mask)}
+            return {"annealed_mse": topk_logit_mse(out.logits, batch.topk_ids, target, batch.predicts)}
+        return {"hard": lm_loss(out.logits, batch.input_ids, batch.targets)}

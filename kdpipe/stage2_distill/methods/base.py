@@ -25,7 +25,8 @@ from kdpipe.storage.manifest import Manifest, TeacherInfo
 class Batch:
     """One training batch read from the cache (teacher signals as float32 / int64 tensors)."""
     input_ids: torch.Tensor  # [B, T]
-    mask: torch.Tensor  # [B, T] bool: real tokens
+    mask: torch.Tensor  # [B, T] bool: real tokens (what attention and intermediate-layer losses use)
+    loss_mask: torch.Tensor | None = None  # [B, T] bool, chat data: the tokens a student learns (None: all)
     topk_ids: torch.Tensor | None = None  # [B, T, k]
     topk_logprobs: torch.Tensor | None = None  # [B, T, k], at T=1
     logsumexp: torch.Tensor | None = None  # [B, T, n_temps]
@@ -40,6 +41,20 @@ class Batch:
     interchange: dict[str, torch.Tensor] = field(default_factory=dict)
     sequence_ids: torch.Tensor | None = None
     others: list["Batch"] = field(default_factory=list)  # the same rows from the 2nd, 3rd... --cache
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """[B, T] bool: the tokens a student learns to predict (the hard-label losses' mask: lm_loss shifts it)."""
+        return self.mask if self.loss_mask is None else self.mask & self.loss_mask
+
+    @property
+    def predicts(self) -> torch.Tensor:
+        """[B, T] bool: the positions whose next-token distribution a logit loss matches. Every real position
+        for plain text; for chat, those whose next token is learned (the last one: if its own token is)."""
+        if self.loss_mask is None:
+            return self.mask
+        following = torch.cat([self.loss_mask[:, 1:], self.loss_mask[:, -1:]], 1)
+        return self.mask & following
 
     def teacher(self, i: int) -> "Batch":
         """Teacher i's signals for these rows (0: the first --cache)."""

@@ -31,4 +31,4 @@ class DGKD(MultiTeacherMethod):
     def loss(self, batch, out, step):
         kept, alpha = self.kept(step), float(self.params["alpha"])
         soft = sum(self.kd(batch, out, i).mean() for i in kept) / len(kept)
-        return {"soft": alpha * soft, "hard": (1 - alpha) * lm_loss(out.logits, batch.input_ids, batch.mask)}
+        return {"soft": alpha * soft, "hard": (1 - alpha) * lm_loss(out.logits, batch.input_ids, batch.targets)}

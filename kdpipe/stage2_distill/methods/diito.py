@@ -67,5 +67,5 @@ class DIITO(Method):
         source_mask = positions < ic["source_length"][:, None]
         logits, _ = out.run(torch.cat([batch.input_ids, ic["source_ids"].long()]), torch.cat([batch.mask, source_mask]),
                             self.edits(ic["layer"], ic["span"], b))
-        reached = batch.mask & (positions >= ic["span"][:, :1])
+        reached = batch.predicts & (positions >= ic["span"][:, :1])
         return {"causal": bucket_kl(logits[:b], ic["topk_ids"], ic["topk_logprobs"], 1.0, reached)}

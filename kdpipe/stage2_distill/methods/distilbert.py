@@ -43,7 +43,7 @@ class DistilBERT(Method):
         if p["alpha_ce"]:
             terms["ce"] = p["alpha_ce"] * t * t * soft_loss(batch, out, self.ctx, t, p["estimator"])
         if p["alpha_mlm"]:
-            terms["mlm"] = p["alpha_mlm"] * lm_loss(out.logits, batch.input_ids, batch.mask)
+            terms["mlm"] = p["alpha_mlm"] * lm_loss(out.logits, batch.input_ids, batch.targets)
         if p["alpha_cos"]:
             last = self.ctx.teacher.num_layers
             s_h = self.hidden(self.project(out.hidden[self.ctx.student_layers].float()), last)

@@ -36,14 +36,14 @@ def soft_loss(batch: Batch, out: StudentOutput, ctx: Context, temperature: float
     if estimator == "sampled":
         sample_t = ctx.teacher_sample_temperatures[teacher]
         log_norm = sampled_log_norm(b.logsumexp, temperature, sample_t, ctx.teacher_temperatures[teacher])
-        return sampled_cross_entropy(logits, b.sampled_ids, b.sampled_counts, temperature, b.mask, per_sequence,
+        return sampled_cross_entropy(logits, b.sampled_ids, b.sampled_counts, temperature, b.predicts, per_sequence,
                                      t_logp=b.sampled_logprobs, sample_temperature=sample_t, log_norm=log_norm)
     i = temperature_index(ctx, temperature, teacher)
     t_logp = teacher_logprobs(b.topk_logprobs, b.logsumexp[..., 0], b.logsumexp[..., i], temperature)
     if estimator == "renorm":
-        return renormalized_topk_kl(logits, b.topk_ids, t_logp, temperature, b.mask, per_sequence)
+        return renormalized_topk_kl(logits, b.topk_ids, t_logp, temperature, b.predicts, per_sequence)
     t_logtail = None if b.logtail is None else b.logtail[..., i]
-    return bucket_kl(logits, b.topk_ids, t_logp, temperature, b.mask, per_sequence, t_logtail=t_logtail)
+    return bucket_kl(logits, b.topk_ids, t_logp, temperature, b.predicts, per_sequence, t_logtail=t_logtail)
 
 
 def soft_needs(temperature: float, estimator: str) -> Needs:

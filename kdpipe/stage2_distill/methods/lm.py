@@ -12,4 +12,4 @@ class LM(Method):
     paper = "hard labels"
 
     def loss(self, batch, out, step):
-        return {"lm": lm_loss(out.logits, batch.input_ids, batch.mask)}
+        return {"lm": lm_loss(out.logits, batch.input_ids, batch.targets)}

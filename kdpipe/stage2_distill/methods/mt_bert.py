@@ -55,10 +55,10 @@ class MTBERT(MultiTeacherMethod):
         for i in range(self.num_teachers):
             b = batch.teacher(i)
             tail = None if b.logtail is None else b.logtail[..., 0]
-            weight = 1 / (1 + teacher_label_nll(b.topk_ids, b.topk_logprobs, b.input_ids, b.mask, tail))
+            weight = 1 / (1 + teacher_label_nll(b.topk_ids, b.topk_logprobs, b.input_ids, b.targets, tail))
             soft = soft + (weight * self.kd(batch, out, i)).mean()
             for s, t in self.pairs[i]:
                 hidden = hidden + hidden_mse(self.hidden(self.fit[i](out.hidden[s].float()), t, i),
                                              self.hidden(b.hidden[t], t, i), batch.mask)
         return {"soft": soft, "hidden": p["alpha_hidden"] * hidden,
-                "hard": p["alpha_hard"] * lm_loss(out.logits, batch.input_ids, batch.mask)}
+                "hard": p["alpha_hard"] * lm_loss(out.logits, batch.input_ids, batch.targets)}

@@ -49,7 +49,7 @@ class PKD(Method):
     def loss(self, batch, out, step):
         p, t = self.params, float(self.params["temperature"])
         terms = {"soft": p["alpha"] * t * t * soft_loss(batch, out, self.ctx, t, p["estimator"]),
-                 "hard": (1 - p["alpha"]) * lm_loss(out.logits, batch.input_ids, batch.mask)}
+                 "hard": (1 - p["alpha"]) * lm_loss(out.logits, batch.input_ids, batch.targets)}
         if self.pairs and p["beta"]:
             pt = 0.0
             for s_layer, t_layer in self.pairs:

@@ -81,20 +81,20 @@ class RLKD(MultiTeacherMethod):
                       < probs).float()
         kd = torch.stack([self.kd(batch, out, i) for i in range(self.num_teachers)], -1)  # [B, n]
         soft = ((kd * action).sum(-1) / action.sum(-1).clamp_min(1)).mean()
-        before = lm_loss(out.logits.detach(), batch.input_ids, batch.mask, per_sequence=True)
+        before = lm_loss(out.logits.detach(), batch.input_ids, batch.targets, per_sequence=True)
         ready = [p for p in self._pending if p.step < step]  # selections whose update has happened since
         policy = soft.new_zeros(())
         if ready and out.run is not None:
             policy = sum(self.reinforce(p, out.run) for p in ready) / len(ready)
         self._pending = [p for p in self._pending if p.step >= step] + [
-            Pending(step, state, action, batch.input_ids, batch.mask, before)]
+            Pending(step, state, action, batch.input_ids, batch.mask, batch.targets, before)]
         return {"kd": soft, "policy": policy}
 
     def reinforce(self, p: "Pending", run) -> torch.Tensor:
         """-(reward - baseline) * log pi(action | state), per example, for selections made before the update."""
         with torch.no_grad():
             logits, _ = run(p.input_ids, p.mask, {})
-            reward = p.before - lm_loss(logits, p.input_ids, p.mask, per_sequence=True)  # [B]
+            reward = p.before - lm_loss(logits, p.input_ids, p.targets, per_sequence=True)  # [B]
         decay = float(self.params["baseline_decay"])
         mean = float(reward.mean())
         self._baseline = mean if self._baseline is None else decay * self._baseline + (1 - decay) * mean
@@ -109,5 +109,6 @@ class Pending:
     state: torch.Tensor
     action: torch.Tensor
     input_ids: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor  # real tokens (the forward's attention)
+    targets: torch.Tensor  # learned tokens (the reward's LM loss)
     before: torch.Tensor  # [B] the student's LM loss on these examples before the update

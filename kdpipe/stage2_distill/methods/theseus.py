@@ -67,7 +67,7 @@ class Theseus(Method):
             teacher_state = self.project(batch.hidden[t])
             logits, _ = out.run(batch.input_ids, batch.mask, {s: lambda h: teacher_state.to(h.dtype)})
         if self.params["objective"] == "lm":
-            return {"theseus": lm_loss(logits, batch.input_ids, batch.mask)}
+            return {"theseus": lm_loss(logits, batch.input_ids, batch.targets)}
         temp = float(self.params["temperature"])
         return {"theseus": temp * temp * soft_loss(batch, StudentOutput(logits=logits), self.ctx, temp,
                                                     self.params["estimator"])}

@@ -58,5 +58,5 @@ class Uncertainty(MultiTeacherMethod):
 
     def loss(self, batch, out, step):
         with torch.no_grad():
-            w = self.weights(normalized_entropy(out.logits, batch.mask))
+            w = self.weights(normalized_entropy(out.logits, batch.predicts))
         return {"kd": sum((w[:, i] * self.kd(batch, out, i)).mean() for i in range(self.num_teachers))}
