@@ -168,6 +168,9 @@ def extract(**opts) -> None:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
               help="auto: bf16 autocast where the device has it (CUDA), else fp32.")
 @click.option("--allow-partial", is_flag=True, help="Train on the done units of an incomplete cache.")
+@click.option("--report-to", multiple=True, default=["none"],
+              help="Also log metrics.jsonl's records to tensorboard (RUN/tensorboard), mlflow (MLFLOW_TRACKING_URI, "
+                   "else RUN/mlruns) or wandb (WANDB_MODE=offline works without a login); repeat for several.")
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("--quiet", is_flag=True)
 def distill(**opts) -> None:

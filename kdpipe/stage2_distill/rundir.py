@@ -25,7 +25,7 @@ from kdpipe.storage.lock import LOCK_NAME, DirectoryLock
 
 # what a run directory may hold; --overwrite removes nothing else
 RUN_ENTRIES = {"run.json", "metrics.jsonl", "final.json", "checkpoints", "student", "kdpipe-step.json", "eval.json",
-               "tensorboard", "mlruns", "wandb"}
+               "tensorboard", "mlruns", "wandb", "trackers.json", "mlflow.db"}
 
 
 def is_run_entry(name: str) -> bool:

@@ -29,6 +29,7 @@ from kdpipe.stage2_distill.layermap import check_layer_map
 from kdpipe.stage2_distill.methods.base import build_methods, validate_specs
 from kdpipe.stage2_distill.rundir import RunDir
 from kdpipe.stage2_distill.student import build_student, save_student
+from kdpipe.stage2_distill.trackers import Trackers, cache_summary, check_trackers
 
 
 @dataclass
@@ -60,6 +61,7 @@ class DistillConfig:
     buffer_units: int = 4
     trust_remote_code: bool = False
     quiet: bool = False
+    report_to: list[str] = field(default_factory=list)  # tensorboard, mlflow, wandb (trackers.py)
 
 
 @dataclass
@@ -97,6 +99,7 @@ def check_config(cfg: DistillConfig) -> None:
         raise UserError("--layer-map chooses the teacher layers --init-from-teacher copies; a method takes its own "
                         "(e.g. --method tinybert:layer_map=skip)")
     check_layer_map(cfg.layer_map)
+    cfg.report_to = check_trackers(cfg.report_to)
 
 
 def lr_lambda(cfg: DistillConfig):
@@ -205,9 +208,13 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
     initial = next((strip_step(r) for r in evals if r["step"] == 0), {})
     final = strip_step(evals[-1]) if evals else {}
     metrics = open(run.metrics_file, "a")
+    trackers = Trackers(cfg.report_to, run.path, asdict(cfg), cache_summary(m)) if cfg.report_to and rank == 0 \
+        else None
     if split.eval_units and start == 0:
         initial = final = evaluate_now()
         metrics.write(json.dumps({"step": 0, **initial}) + "\n")
+        if trackers:
+            trackers.log({"step": 0, **initial})
     batches = TrainBatches(cache, needs, split.train_units[rank::world], cfg.batch_size, cfg.seed, cfg.buffer_units,
                            skip=start * cfg.grad_accum, others=other_needs)  # each rank reads its own units
     bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=cfg.quiet, dynamic_ncols=True)
@@ -254,6 +261,8 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
                 record.update(final)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
+            if trackers:
+                trackers.log(record)
             starts.append({k: v for k, v in terms_sum.items() if k.split("/", 1)[1] not in uncompared})
             if len(starts) == DOMINANCE_STEPS and rank == 0:
                 warn_dominance(starts, say)
@@ -269,6 +278,8 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
         bar.close()
         batches.close()
         metrics.close()
+        if trackers:
+            trackers.close()
     seconds = time.perf_counter() - t0
     save_student(model, engine, run.path / "student", cache if rank == 0 else None)
     if rank == 0:
