@@ -116,3 +116,25 @@ def test_smollm2_interchange_matches_a_direct_intervention(smollm2, tmp_path):
     want = torch.log_softmax(logits.double(), -1).topk(16, -1)
     assert (torch.from_numpy(ic["topk_ids"][i][:, 0]) == want.indices[:, 0]).float().mean() > 0.95
     np.testing.assert_allclose(ic["topk_logprobs"][i], want.values.numpy(), atol=3e-2)
+
+
+def test_smollm2_chat_template_marks_exactly_the_answers():
+    """The real Instruct tokenizer (ChatML with a default system prompt): the learned tokens decode to each
+    answer and its end-of-turn marker, and nothing of the prompt, the roles or the users' turns."""
+    from kdpipe.modelio import resolve_teacher
+    from kdpipe.stage1_extract.chat import check_chat_template, render_conversation
+    from kdpipe.stage1_extract.teacher import load_tokenizer
+
+    tok = load_tokenizer(None, resolve_teacher("smollm2"))
+    check_chat_template(tok)
+    messages = [{"role": "user", "content": "Recite a line."}, {"role": "assistant", "content": "Shall I compare thee"},
+                {"role": "user", "content": "And then?"}, {"role": "assistant", "content": "to a summer's day?"}]
+    piece = render_conversation(messages, tok)
+    assert piece.ids == tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    runs, current = [], []
+    for token, learned in zip(piece.ids + [None], piece.learn + [0]):
+        if learned:
+            current.append(token)
+        elif current:
+            runs, current = runs + [tok.decode(current)], []
+    assert runs == ["Shall I compare thee<|im_end|>", "to a summer's day?<|im_end|>"]

@@ -2,8 +2,9 @@
 
 The teacher's own chat template renders the conversation. Each assistant turn's characters are found by
 rendering the conversation up to the turn (with the generation prompt, which is what the model sees
-before it answers) and through it: what lies between is the answer, its end-of-turn marker included, as
-TRL's assistant-only loss counts it. Tokens whose first character lies in an answer are learned.
+before it answers) and through it: what lies between is the answer, its end-of-turn marker included (as
+TRL's assistant-only loss counts it), the template's whitespace after the marker not (the model stops at
+the marker). Tokens whose first character lies in an answer are learned.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def render_conversation(messages: list[dict], tokenizer, learn_all: bool = False
         if not (text.startswith(through) and through.startswith(before)):
             raise UserError("the chat template renders a conversation differently from its beginning (it rewrites "
                             "earlier turns), so the assistant's tokens cannot be located: pass --learn-all-tokens")
-        spans.append((len(before), len(through)))
+        spans.append((len(before), len(through.rstrip())))  # the turn's end marker, not the newline after it
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     if learn_all:
