@@ -71,3 +71,21 @@ def test_shipped_recipes_run_on_tiny_models(recipe, teacher_var, extra, teachers
     table = [line.split() for line in lines[header + 1:]]
     assert table and all(row[2] == "ran" for row in table)
     assert all(len(row) >= 7 for row in table if row[1] == "distill")  # CE, KL and agreement for every student
+
+
+def test_the_chat_recipe_runs_on_a_tiny_chat_teacher(tmp_path):
+    from test_chat import write_chats
+    from tiny import make_chat_tokenizer, save_teacher
+    teacher = save_teacher(tmp_path / "teacher", "llama")
+    make_chat_tokenizer().save_pretrained(teacher)
+    data = write_chats(tmp_path / "chats.jsonl")
+    result = kdpipe("run", EXAMPLES / "chat.toml", "--workdir", tmp_path / "w", "--var", f"teacher={teacher}",
+                    "--var", f"data={data}", "--var", "seq_len=48", "--var", "steps=2",
+                    "--var", "student=teacher:layers=1,hidden=16")
+    assert result.exit_code == 0, result.output
+    (cache,) = (tmp_path / "w").glob("teacher_cache-*")
+    from kdpipe.pipeline.recipe import MARKER
+    from kdpipe.storage.reader import TeacherCache
+    assert TeacherCache(cache).manifest.data.loss_mask == "assistant"
+    markers = list((tmp_path / "w").glob(f"*/{MARKER}"))
+    assert len(markers) == 4 and all(json.loads(p.read_text())["record"] for p in markers)  # every step ran
