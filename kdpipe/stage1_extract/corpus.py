@@ -64,7 +64,7 @@ def iter_documents(files: Sequence[Path], field: str = "text", kind: str = "text
     for path in files:
         if path.suffix.lower() in COLUMNAR_SUFFIXES:
             for value in iter_column(path, field, kind):
-                yield _checked(value, path, "row", kind, field) if kind == "messages" else value
+                yield _checked(value, f"{path} (a row)", kind, field) if kind == "messages" else value
         elif is_jsonl(path):
             with open_jsonl(path) as f:
                 for lineno, line in _lines(f, path):
@@ -77,7 +77,7 @@ def iter_documents(files: Sequence[Path], field: str = "text", kind: str = "text
                     flag = "--messages-field" if kind == "messages" else "--text-field"
                     if not isinstance(record, dict) or field not in record:
                         raise UserError(f"{path}:{lineno} has no field {field!r}: set {flag}")
-                    yield _checked(record[field], path, f"line {lineno}", kind, field)
+                    yield _checked(record[field], f"{path}:{lineno}", kind, field)
         elif kind == "messages":
             raise UserError(f"{path} is plain text, not chat records: chat data is jsonl, parquet or Arrow with a "
                             f"messages field")
@@ -85,15 +85,15 @@ def iter_documents(files: Sequence[Path], field: str = "text", kind: str = "text
             yield from _text_pieces(path)
 
 
-def _checked(value, path: Path, where: str, kind: str, field: str):
+def _checked(value, where: str, kind: str, field: str):
+    """The record's value, if it is what `kind` reads; `where` names the record (path:line, or a row)."""
     if kind == "text":
         if not isinstance(value, str):
-            raise UserError(f"{path}:{where.split()[-1]}: field {field!r} holds a {type(value).__name__}, not text: "
-                            f"set --text-field")
+            raise UserError(f"{where}: field {field!r} holds a {type(value).__name__}, not text: set --text-field")
         return value
     if not isinstance(value, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                               and isinstance(m.get("content"), str) for m in value):
-        raise UserError(f"{path} {where}: field {field!r} is not a list of {{role, content}} messages: set "
+        raise UserError(f"{where}: field {field!r} is not a list of {{role, content}} messages: set "
                         f"--messages-field, or drop --messages-field for plain text")
     return value
 

@@ -155,12 +155,12 @@ def _extract(cfg: ExtractConfig, source, files, ranks: Ranks, model, tokenizer) 
     model = model or load_teacher(source, cfg.dtype, cfg.device, cfg.trust_remote_code)
     manifest, tokens = _plan(cfg, source, model, tokenizer, files, engine)
     try:
-        return _run(cfg, source, ranks, model, tokenizer, manifest, tokens)
+        return _run(cfg, ranks, model, tokenizer, manifest, tokens)
     finally:
         tokens.close()
 
 
-def _run(cfg: ExtractConfig, source, ranks: Ranks, model, tokenizer, manifest: Manifest,
+def _run(cfg: ExtractConfig, ranks: Ranks, model, tokenizer, manifest: Manifest,
          tokens: TokenBlocks) -> ExtractResult:
     lengths = tokens.lengths
     tokenizer_files = saved_files(tokenizer)

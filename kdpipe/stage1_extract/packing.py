@@ -89,10 +89,6 @@ class TokenBlocks:
         return len(self._lengths)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return len(self), self.seq_len
-
-    @property
     def has_loss_mask(self) -> bool:
         return self._masks is not None
 
@@ -198,4 +194,4 @@ def _emit(blocks: TokenBlocks, buffer: list[int], learn: list[int] | None, seq_l
 
 
 def _full(blocks: TokenBlocks, max_sequences: int | None) -> bool:
-    return bool(max_sequences) and len(blocks._lengths) >= max_sequences
+    return bool(max_sequences) and len(blocks) >= max_sequences

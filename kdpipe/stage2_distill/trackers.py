@@ -93,7 +93,10 @@ class Trackers:
         return log, None, writer.close
 
     def _start_mlflow(self, run_id, params):
+        import time
+
         import mlflow
+        from mlflow.entities import Metric
 
         # MLFLOW_TRACKING_URI where set; else a local SQLite store in the run directory (MLflow 3 keeps its
         # ./mlruns file store in maintenance mode and refuses it unless told to)
@@ -114,9 +117,6 @@ class Trackers:
                             f"MLFLOW_TRACKING_URI, or drop --report-to mlflow") from None
 
         def log(values, step):
-            from mlflow.entities import Metric
-            import time
-
             now = int(time.time() * 1000)
             client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
         return log, run_id, lambda: client.set_terminated(run_id)
