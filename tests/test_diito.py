@@ -74,7 +74,9 @@ def test_counterfactual_topk_equals_a_direct_intervention_on_the_teacher(diito_c
         np.testing.assert_allclose(ic["topk_logprobs"][i], want.values.numpy(), atol=2e-2, rtol=1e-3)
         # before the span the intervention cannot reach: the counterfactual equals the plain top-k
         plain_ids, plain_logp, _ = cache.topk_logprobs(slice(i, i + 1))
-        np.testing.assert_array_equal(ic["topk_ids"][i][:base_start, :4], plain_ids[0, :base_start, :4])
+        # (the plain top-k is compact: the same ids, ordered by 8-bit levels, so equal levels may swap)
+        np.testing.assert_array_equal(np.sort(ic["topk_ids"][i][:base_start], -1), np.sort(plain_ids[0, :base_start], -1))
+        assert (ic["topk_ids"][i][:base_start, 0] == plain_ids[0, :base_start, 0]).all()
         if base_start + count < 32:  # after it, something changed
             assert not np.allclose(ic["topk_logprobs"][i][base_start + count:], plain_logp[0, base_start + count:])
 

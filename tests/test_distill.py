@@ -120,13 +120,16 @@ def test_missing_signals_name_the_extract_flags(sharp, corpus, tmp_path):
         run(bare, tmp_path / "t2", "kd:temprature=2", steps=1)
 
 
-def test_a_cache_from_before_the_tail_and_draw_arrays_still_trains(sharp, tmp_path):
+def test_a_cache_from_before_the_tail_and_draw_arrays_still_trains(sharp, corpus, tmp_path):
     """Caches written before kdpipe 0.2 lack logits/logtail and sampled/logprobs: they verify and train (the tail
     recovered from the top-k), and only what needs a new array, draws at T=1 weighted for T=2, names it."""
     import zarr
 
-    _, cache = sharp
-    old = tmp_path / "old"
+    teacher, _ = sharp
+    cache, old = tmp_path / "float16", tmp_path / "old"  # kdpipe 0.2 wrote float16 top-k caches only
+    extract(ExtractConfig(teacher=str(teacher), data=[str(corpus)], out=str(cache), seq_len=32, top_k=16,
+                          temperatures=[1.0, 2.0], sample_count=8, hidden_layers="0,3", sequences_per_unit=4,
+                          logit_codec="float16", quiet=True))
     shutil.copytree(cache, old)
     store = zarr.open_group(str(old), mode="r+")
     raw = dict(store.attrs["kdpipe"])

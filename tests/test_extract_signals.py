@@ -44,7 +44,7 @@ def valid_rows(cache: TeacherCache) -> np.ndarray:
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_signals_match_the_models_own_forward(arch, teachers, corpus, tmp_path):
     cache = run(teachers[arch], corpus, tmp_path / "c", hidden_layers="all", attention_layers="all",
-                attention_form="probs")
+                attention_form="probs", logit_codec="float16")
     ref = reference(teachers[arch], cache)
     logits = ref.logits.float()
 
@@ -55,12 +55,7 @@ def test_signals_match_the_models_own_forward(arch, teachers, corpus, tmp_path):
     gathered = torch.gather(logits, -1, torch.from_numpy(ids)).numpy()
     np.testing.assert_allclose(gathered, values, rtol=2e-3, atol=2e-3)
     assert (np.diff(values, axis=-1) <= 0).all(), "top-k must be sorted descending"
-    for i, temp in enumerate([1.0, 2.0]):
-        np.testing.assert_allclose(lse[..., i], torch.logsumexp(logits / temp, -1).numpy(), rtol=1e-5, atol=1e-5)
-        # the mass outside the top-k, against float64 over the model's own logits
-        logq = torch.log_softmax(logits.double() / temp, -1)
-        tail = logq.scatter(-1, torch.from_numpy(ids), float("-inf")).logsumexp(-1)
-        np.testing.assert_allclose(cache.logtail()[..., i], tail.numpy(), rtol=1e-4, atol=1e-5)
+    check_normalizers(cache, logits, ids, lse, rtol=1e-4, atol=1e-5)
 
     for layer in range(cache.manifest.teacher.num_layers + 1):
         want = ref.hidden_states[layer].numpy()
@@ -68,6 +63,37 @@ def test_signals_match_the_models_own_forward(arch, teachers, corpus, tmp_path):
     for layer in range(1, cache.manifest.teacher.num_layers + 1):
         want = ref.attentions[layer - 1].numpy()
         np.testing.assert_allclose(cache.attention_probs(layer), want, atol=1e-3, err_msg=f"attention layer {layer}")
+
+
+def check_normalizers(cache: TeacherCache, logits: torch.Tensor, ids: np.ndarray, lse: np.ndarray, rtol, atol):
+    for i, temp in enumerate([1.0, 2.0]):
+        np.testing.assert_allclose(lse[..., i], torch.logsumexp(logits / temp, -1).numpy(), rtol=1e-5, atol=atol)
+        # the mass outside the top-k, against float64 over the model's own logits
+        logq = torch.log_softmax(logits.double() / temp, -1)
+        tail = logq.scatter(-1, torch.from_numpy(ids), float("-inf")).logsumexp(-1)
+        np.testing.assert_allclose(cache.logtail()[..., i], tail.numpy(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_compact_topk_matches_the_models_own_forward(arch, teachers, corpus, tmp_path):
+    """The default encoding: the same ids (the argmax first), log-probabilities within the manifest's bound
+    of the model's own, a top-k that holds exactly 1 - tail, the normalizers to float16 precision."""
+    cache = run(teachers[arch], corpus, tmp_path / "c")
+    assert cache.manifest.signals.topk_codec == "compact-v1" and cache.manifest.version == 2
+    bound = cache.manifest.signals.topk_error
+    assert 0 < bound <= 0.25
+    logits = reference(teachers[arch], cache).logits.float()
+    logp = torch.log_softmax(logits.double(), -1)
+    ids, values, lse = cache.topk_logprobs()
+    true = torch.gather(logp, -1, torch.from_numpy(ids)).numpy()
+    assert np.abs(values - true).max() <= bound
+    want = logp.topk(8, dim=-1).values.numpy()
+    np.testing.assert_allclose(np.sort(true, -1), np.sort(want, -1), atol=1e-6)  # the same set (ties aside)
+    np.testing.assert_allclose(true[..., 0], want[..., 0], atol=1e-6)  # slot 0 is the argmax
+    assert (np.diff(values, axis=-1) <= 0).all(), "top-k must be sorted descending"
+    tail = cache.logtail()[..., 0].astype(np.float64)
+    np.testing.assert_allclose(np.exp(values.astype(np.float64)).sum(-1) + np.exp(tail), 1.0, atol=1e-5)
+    check_normalizers(cache, logits, ids, lse, rtol=2e-3, atol=4e-3)
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

@@ -45,13 +45,19 @@ def test_gemma3_cache_matches_its_own_forward(gemma, tmp_path):
         model.set_attn_implementation("sdpa")
     logits = out.logits.float()
     top_ids, logprobs, lse = cache.topk_logprobs()
-    want = torch.log_softmax(logits.double(), -1).topk(32, -1)
+    logp = torch.log_softmax(logits.double(), -1)
+    want = logp.topk(32, -1)
     gap = (want.values[..., 0] - want.values[..., 1]).numpy()
     clear = gap > 1e-2  # a near-tie may order either way
     np.testing.assert_array_equal(top_ids[..., 0][clear], want.indices[..., 0].numpy()[clear])
-    np.testing.assert_allclose(logprobs, want.values.numpy(), atol=2e-2)
+    # the default compact top-k: the model's own top-32 (a tie at the 32nd place may swap), each log-probability
+    # within the manifest's bound
+    true = torch.gather(logp, -1, torch.from_numpy(top_ids)).numpy()
+    np.testing.assert_allclose(np.sort(true, -1), np.sort(want.values.numpy(), -1), atol=1e-4)
+    assert np.abs(logprobs - true).max() <= m.signals.topk_error
     np.testing.assert_allclose(lse[..., 0], torch.logsumexp(logits, -1).numpy(), rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(lse[..., 1], torch.logsumexp(logits / 2, -1).numpy(), rtol=1e-5, atol=1e-4)
+    # T=2 as the float16 log-norm log sum p^(1/2) (<= log(V) / 2 = 6.2, float16 steps of 2^-8 there)
+    np.testing.assert_allclose(lse[..., 1], torch.logsumexp(logits / 2, -1).numpy(), rtol=0, atol=4e-3)
     for layer in (0, full[0]):
         h = out.hidden_states[layer].numpy()
         np.testing.assert_allclose(cache.hidden(layer), h, rtol=2e-3, atol=2e-3 * np.abs(h).max())

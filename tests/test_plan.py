@@ -12,14 +12,17 @@ from kdpipe.stage1_extract.extractor import ExtractConfig, extract
 from test_cli import assert_user_error, kdpipe
 
 
-def test_plan_bytes_equal_a_real_model_and_cache(teachers, corpus, tmp_path):
+@pytest.mark.parametrize("codec", ["compact", "float16"])
+def test_plan_bytes_equal_a_real_model_and_cache(codec, teachers, corpus, tmp_path):
     signals = dict(top_k=8, sample_count=4, hidden_layers="0,2", attention_layers="all", attention_form="factors")
     extract(ExtractConfig(teacher=str(teachers["llama"]), data=[str(corpus)], out=str(tmp_path / "c"), seq_len=32,
-                          temperatures=[1.0, 2.0], quiet=True, **signals))
-    arrays = cache_summary(str(tmp_path / "c"))["arrays"]
+                          temperatures=[1.0, 2.0], quiet=True, logit_codec=codec, **signals))
+    summary = cache_summary(str(tmp_path / "c"))
+    arrays = summary["arrays"]
     n = json.loads(kdpipe("inspect", tmp_path / "c", "--json").stdout)["manifest"]["data"]["num_sequences"]
-    plan = make_plan(PlanConfig(str(teachers["llama"]), n * 32, 32, 4, 8, 2, 4, "0,2", "all", "factors",
+    plan = make_plan(PlanConfig(str(teachers["llama"]), n * 32, 32, 4, 8, 2, codec, 4, "0,2", "all", "factors",
                                 dtype="float32")).data
+    assert plan["logits_mode"] == summary["logits_mode"] == f"{codec} top-k"
     model = transformers.AutoModelForCausalLM.from_pretrained(teachers["llama"])
     assert plan["params"] == sum(p.numel() for p in model.parameters())
     assert plan["param_bytes"] == 4 * plan["params"]

@@ -23,7 +23,8 @@ def test_stats_match_the_full_distribution(corpus, tmp_path):
     entropy = -(p * p.log()).sum(-1)
     s = cache_stats(str(tmp_path / "c"))
     assert s["positions"] == cache.num_sequences * 32
-    np.testing.assert_allclose(s["topk_mass"]["mean"], mass.mean().item(), atol=1e-6)  # 1 - the stored exact tail
+    # 1 - the stored tail, exact to float16's precision of its log (the compact top-k's): 2^-11 relative
+    np.testing.assert_allclose(s["topk_mass"]["mean"], mass.mean().item(), atol=1e-5)
     np.testing.assert_allclose(s["mean_mass_at_k"]["1"], p.max(-1).values.mean().item(), atol=2e-3)
     assert s["mean_mass_at_k"]["1"] < s["mean_mass_at_k"]["4"] < s["mean_mass_at_k"]["8"]
     np.testing.assert_allclose(s["mean_mass_at_k"]["8"], s["topk_mass"]["mean"], atol=2e-3)  # float16 sum vs exact

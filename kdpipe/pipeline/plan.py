@@ -77,6 +77,7 @@ class PlanConfig:
     batch_size: int = 8  # sequences per forward, per GPU
     top_k: int = 64
     temperatures: int = 2  # how many are stored
+    logit_codec: str = "compact"  # storage.topk_codec, or "float16"
     sample_count: int = 0
     hidden_layers: str = "none"
     attention_layers: str = "none"
@@ -94,6 +95,7 @@ class PlanConfig:
     def check(self) -> None:
         checks = [(self.tokens >= 1, "--tokens must be at least 1"), (self.seq_len > 0, "--seq-len must be positive"),
                   (self.batch_size > 0, "--batch-size must be positive"), (self.top_k >= 0, "--top-k must be 0 or more"),
+                  (self.logit_codec in ("compact", "float16"), "--logit-codec must be compact or float16"),
                   (self.temperatures >= 1, "--temperatures needs at least one"),
                   (self.sample_count >= 0, "--sample-count must be 0 or more"),
                   (self.gpus >= 1, "--gpus must be at least 1"), (self.gpu_memory > 0, "--gpu-memory must be positive"),
@@ -129,6 +131,13 @@ def _gb(n: float) -> str:
 LOGIT_PASSES, PASSES_PER_TEMPERATURE, SAMPLING_PASSES = 6, 3, 4
 
 
+# what each logits mode came to after compression on real text (bench/RESULTS.md, SmolLM2 over Milton, k=64,
+# T = 1,2; sampled: M=12), since compression depends on the teacher and the text and a plan cannot run either
+LOGITS_NOTE = {"compact top-k": "compact top-k, measured ~98 B/token after compression (SmolLM2, k=64, real text)",
+               "float16 top-k": "float16 top-k, measured ~197 B/token after compression (SmolLM2, k=64, real text)",
+               "sampled": "importance-sampled, measured ~33 B/token after compression (SmolLM2, M=12, real text)"}
+
+
 def make_plan(c: PlanConfig) -> Plan:
     import torch
     import transformers
@@ -151,8 +160,12 @@ def make_plan(c: PlanConfig) -> Plan:
 
     # cache bytes per token, exact before compression
     ids = 2 if vocab <= 65536 else 4
-    # top-k ids and float16 log-probabilities; float32 logsumexp and log tail mass per temperature
-    per_token = {"tokens": 4 + 4 / c.seq_len, "logits": c.top_k * (ids + 2) + (8 if c.top_k else 4) * c.temperatures}
+    compact = c.logit_codec == "compact" and c.top_k > 0
+    if compact:  # rank gaps and 8-bit levels; float32 logsumexp at T=1, float16 log-norms and log tails
+        logit_bytes = c.top_k * (ids + 1) + 4 + 2 * (c.temperatures - 1) + 2 * c.temperatures
+    else:  # top-k ids and float16 log-probabilities; float32 logsumexp and log tail mass per temperature
+        logit_bytes = c.top_k * (ids + 2) + (8 if c.top_k else 4) * c.temperatures
+    per_token = {"tokens": 4 + 4 / c.seq_len, "logits": logit_bytes}
     if c.sample_count:  # distinct ids, uint16 counts, 8-bit log-probabilities
         per_token["sampled"] = min(c.sample_count, vocab) * (ids + 3)
     n_hidden = len(parse_layers(c.hidden_layers, layers, 0, "hidden"))
@@ -162,8 +175,11 @@ def make_plan(c: PlanConfig) -> Plan:
     if n_attn:
         per_token["attention"] = n_attn * (heads * c.seq_len * 2 if c.attention_form == "probs"
                                            else (heads + 2 * kv) * d * 2)
+    logit_mode = "sampled" if not c.top_k else ("compact top-k" if compact else "float16 top-k")
     sequences = math.ceil(c.tokens / c.seq_len)
     cache_bytes = {k: v * sequences * c.seq_len for k, v in per_token.items()}
+    if compact:
+        cache_bytes["logits"] += vocab * ids  # the rank -> id table, once
 
     # per-GPU memory: resident parameter share + working set (estimate)
     resident = 0 if offloaded else param_bytes / c.gpus
@@ -211,7 +227,8 @@ def make_plan(c: PlanConfig) -> Plan:
         ("corpus", f"{c.tokens:,.0f} tokens = {sequences:,} sequences of {c.seq_len}", False),
     ]
     for k, v in cache_bytes.items():
-        lines.append((f"cache: {k}", f"{_gb(v)} ({per_token[k]:,.1f} B/token) before compression", False))
+        lines.append((f"cache: {k}", f"{_gb(v)} ({per_token[k]:,.1f} B/token) before compression"
+                      + (f"; {LOGITS_NOTE[logit_mode]}" if k == "logits" else ""), False))
     lines.append(("cache: total", f"{_gb(sum(cache_bytes.values()))} before compression; "
                                   f"full fp16 logits would be {_gb(2 * vocab * sequences * c.seq_len)}", False))
     lines.append(("time per batch", f"compute {compute_s:.2f}s ({flops / 1e12:,.1f} TFLOP at {c.gpu_flops / 1e12:.0f} "
@@ -221,7 +238,7 @@ def make_plan(c: PlanConfig) -> Plan:
                                     f"{c.interconnect / 1e9:.0f} GB/s: {bound}-bound", True))
     lines.append(("extraction time", f"{total_s / 3600:,.1f} hours on {c.gpus} GPU(s) "
                                      f"({batches_per_gpu:,} batches of {c.batch_size} per GPU)", True))
-    data = {"params": params, "param_bytes": param_bytes, "largest_tensor": largest, "per_gpu_bytes": per_gpu,
+    data = {"logits_mode": logit_mode, "params": params, "param_bytes": param_bytes, "largest_tensor": largest, "per_gpu_bytes": per_gpu,
             "fits": fits, "cache_bytes": cache_bytes, "cache_bytes_per_token": per_token,
             "seconds_per_batch": terms[bound], "seconds_by_term": terms, "total_seconds": total_s, "bound": bound}
     return Plan(lines=lines, fits=fits, data=data)

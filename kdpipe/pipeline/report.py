@@ -41,7 +41,9 @@ def cache_summary(path: str) -> dict[str, Any]:
     done, total = cache.progress()
     full_fp16 = 2 * m.teacher.vocab_size
     logit_bytes = sum(a["bytes_per_token"] for a in arrays if a["name"].split("/")[0] in ("logits", "sampled"))
-    return {"path": path, "manifest": m.to_dict(), "arrays": arrays, "units_done": done, "units_total": total,
+    mode = ("sampled" if not m.signals.top_k else "compact top-k" if m.compact_topk else "float16 top-k")
+    return {"path": path, "manifest": m.to_dict(), "logits_mode": mode, "arrays": arrays, "units_done": done,
+            "units_total": total,
             "logit_bytes_per_token": logit_bytes,
             "full_fp16_logits_ratio": full_fp16 / logit_bytes if logit_bytes else None}
 
@@ -63,7 +65,10 @@ def describe_signals(sig: dict[str, Any]) -> str:
     hidden = f"{_listed(sig['hidden_layers'])} ({sig['hidden_dtype']})" if sig["hidden_layers"] else "none"
     attention = (f"{sig['attention_form']} of blocks {_listed(sig['attention_layers'])}" if sig["attention_layers"]
                  else "none")
-    logits = f"top-{sig['top_k']}" if sig["top_k"] else "importance-sampled only (no top-k)"
+    codec = sig.get("topk_codec", "float16")
+    mode = (f"compact (ranked ids, 8-bit log-probabilities within {sig.get('topk_error', 0):g} nats)"
+            if codec != "float16" else "float16")
+    logits = f"top-{sig['top_k']} {mode}" if sig["top_k"] else "importance-sampled only (no top-k)"
     return (f"{logits} at T={_listed(sig['temperatures'])}; sampled: {sampled}; hidden layers: {hidden}; "
             f"attention: {attention}")
 
@@ -93,7 +98,8 @@ def format_summary(s: dict[str, Any]) -> str:
     total = sum(a["stored_bytes"] for a in s["arrays"])
     lines.append(f"{'total':32} {'':>22} {'':>9} {_size(total):>11}")
     if s["full_fp16_logits_ratio"]:
-        lines.append(f"logits (top-k, draws, logsumexp, log tail): {s['logit_bytes_per_token']:.1f} B/token, "
+        lines.append(f"logits ({s['logits_mode']}; top-k, draws, logsumexp, log tail): "
+                     f"{s['logit_bytes_per_token']:.1f} B/token, "
                      f"{s['full_fp16_logits_ratio']:.0f}x smaller than full fp16 logits")
     return "\n".join(lines)
 

@@ -29,7 +29,7 @@ def cache_stats(path: str) -> dict[str, Any]:
     if not k:
         raise UserError(f"{path} is an importance-sampled cache (--top-k 0): --stats describes a top-k cache")
     done = cache.done_sequences()
-    logp = cache.dask("logits/topk_values").astype("float64")[done]
+    logp = cache.topk_logprobs_dask().astype("float64")[done]
     lengths = np.asarray(cache.lengths())[done]
     valid = da.from_array(np.arange(m.data.seq_len)[None, :] < lengths[:, None], chunks=logp.chunks[:2])
 

@@ -8,11 +8,13 @@ from pathlib import Path
 
 from dataclasses import dataclass, field
 
+import numpy as np
 from tqdm import tqdm
 
 from kdpipe.console import quiet_libraries, say
 from kdpipe.capture import parse_layers, text_config
 from kdpipe.errors import UserError
+from kdpipe.stage1_extract.calibrate import calibrate_id_table
 from kdpipe.stage1_extract.chat import check_chat_template
 from kdpipe.stage1_extract.corpus import expand_sources, iter_documents, tokenize_documents
 from kdpipe.stage1_extract.packing import TokenBlocks, pack
@@ -25,6 +27,7 @@ from kdpipe.stage1_extract.teacher import (configure_threads, describe_teacher, 
                                            weights_fingerprint)
 from kdpipe.storage.manifest import DataInfo, EngineInfo, Layout, Manifest, SignalSpec
 from kdpipe.storage.schema import array_specs, unit_range
+from kdpipe.storage.topk_codec import CODEC, ERROR_BOUND
 from kdpipe.modelio import check_device, load_config
 from kdpipe.storage.lock import DirectoryLock, describe
 from kdpipe.storage.writer import UnitWriter, check_out, finalize, open_store, prepare_store, units_done
@@ -44,6 +47,7 @@ class ExtractConfig:
     keep_tail: bool = False  # packed: keep the corpus tail that does not fill a block, padded
     batch_size: int = 8
     top_k: int = 64
+    logit_codec: str = "compact"  # ranked ids and 8-bit log-probabilities (storage.topk_codec), or "float16"
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
     sample_count: int = 0
     sample_temperature: float = 1.0
@@ -91,6 +95,7 @@ def _check_options(cfg: ExtractConfig) -> None:
         (cfg.seq_len > 0, "--seq-len must be positive"),
         (cfg.batch_size > 0, "--batch-size must be positive"),
         (cfg.top_k >= 0, "--top-k must be 0 or more"),
+        (cfg.logit_codec in ("compact", "float16"), "--logit-codec must be compact or float16"),
         (cfg.top_k > 0 or cfg.sample_count > 0, "--top-k 0 keeps no top-k logits: add --sample-count M (an "
                                                 "importance-sampled cache, e.g. --sample-count 12), or --top-k 64"),
         (cfg.top_k > 0 or cfg.interchange_layers in ("none", ""), "--interchange caches a counterfactual top-k: "
@@ -175,14 +180,21 @@ def _run(cfg: ExtractConfig, ranks: Ranks, model, tokenizer, manifest: Manifest,
     if s.attention_layers:
         s.attention_scaling = checked.scaling  # what the model's attention calls really use, read off them
 
+    table = None
+    if manifest.compact_topk:  # every rank calibrates (ZeRO-3 keeps forwards in step); rank 0's table is stored
+        table = calibrate_id_table(model, spec, tokens, lengths, manifest.data.packing == "padded", cfg.batch_size)
+
     # rank 0 creates (or reopens) the store; the others open it once it exists, and all fail together
     group = ranks.first(lambda: prepare_store(cfg.out, manifest, tokens, lengths, cfg.resume, cfg.overwrite,
-                                              tokenizer_files, tokens.masks if tokens.has_loss_mask else None))
+                                              tokenizer_files, tokens.masks if tokens.has_loss_mask else None,
+                                              table))
     group = group if ranks.rank == 0 else open_store(cfg.out)
+    if manifest.compact_topk:
+        table = np.asarray(group["logits/id_table"][:]).astype(np.int64)  # what the store holds, for every rank
     pending = [u for u, done in enumerate(units_done(group)) if not done]
     mine = pending[ranks.rank::ranks.world]
 
-    runner = UnitRunner(model, manifest, spec, cfg.batch_size)
+    runner = UnitRunner(model, manifest, spec, cfg.batch_size, table)
     writer = UnitWriter(group, cfg.out)
     batches = [_batches(manifest, pending[r::ranks.world], cfg.batch_size) for r in range(ranks.world)]
     total_tokens = sum(int(lengths[slice(*unit_range(manifest, u))].sum()) for u in mine)
@@ -261,6 +273,7 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
     n = len(tokens)
 
     per_unit = cfg.sequences_per_unit
+    compact = cfg.logit_codec == "compact" and cfg.top_k > 0
     manifest = Manifest(
         teacher=teacher,
         tokenizer=describe_tokenizer(tokenizer, cfg.tokenizer or source.name),
@@ -271,6 +284,7 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
         signals=SignalSpec(top_k=cfg.top_k, temperatures=_with_unit_temperature(cfg.temperatures),
                            sample_count=cfg.sample_count, sample_temperature=cfg.sample_temperature, seed=cfg.seed,
                            logtail=True, sampled_logprobs=bool(cfg.sample_count),
+                           topk_codec=CODEC if compact else "float16", topk_error=ERROR_BOUND if compact else 0.0,
                            hidden_layers=hidden_layers, hidden_dtype=cfg.hidden_dtype,
                            hidden_keepbits=cfg.hidden_keepbits, attention_layers=attention_layers,
                            attention_form=cfg.attention_form if attention_layers else None,
@@ -279,6 +293,7 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
         layout=Layout(sequences_per_unit=per_unit, sequences_per_chunk=cfg.sequences_per_chunk or per_unit,
                       num_units=math.ceil(n / per_unit)),
         engine=engine,
+        version=2 if compact else 1,  # a kdpipe before 0.3 cannot read the compact top-k: it says to upgrade
     )
     manifest.layout.codecs = {spec.name: spec.preset for spec in array_specs(manifest)}
     return manifest, tokens

@@ -12,13 +12,15 @@ from kdpipe.stage1_extract.logits import HeadTap, LogitSignals, LogitSpec
 from kdpipe.storage.codecs import bitround, quantize_logprobs
 from kdpipe.storage.manifest import Manifest
 from kdpipe.storage.schema import attention_name, hidden_name, id_dtype
+from kdpipe.storage.topk_codec import encode as encode_topk, ranks_of
 
 
 class UnitRunner:
     """Runs the teacher over one work unit, batch by batch, and returns its arrays as numpy."""
 
-    def __init__(self, model, manifest: Manifest, spec: LogitSpec, batch_size: int):
+    def __init__(self, model, manifest: Manifest, spec: LogitSpec, batch_size: int, id_table: np.ndarray | None = None):
         self.model, self.m, self.batch_size = model, manifest, batch_size
+        self.ranks = ranks_of(id_table) if manifest.compact_topk else None  # the store's table, never recomputed
         self.signals = LogitSignals(spec)
         s = manifest.signals
         # interchange layers are captured too: their states are the sources of DIITO's interventions
@@ -71,11 +73,21 @@ class UnitRunner:
 
     def _batch_arrays(self) -> dict[str, np.ndarray]:
         s, sig = self.m.signals, self.signals
-        out = {"logits/logsumexp": sig.logsumexp.cpu().numpy()}
-        if s.top_k:
-            out["logits/topk_ids"], out["logits/topk_values"] = self._topk_arrays()
-        if s.logtail and s.top_k:  # a cache begun by an older kdpipe is resumed in its own format
-            out["logits/logtail"] = sig.logtail.cpu().numpy()
+        lse = sig.logsumexp.cpu().numpy()
+        if self.m.compact_topk:
+            out = dict(zip(("logits/topk_ids", "logits/topk_values"), encode_topk(
+                sig.topk_ids.cpu().numpy(), sig.topk_values.cpu().numpy(), self.ranks, self.ids_dtype)))
+            out["logits/logsumexp"] = lse[..., :1]
+            if len(s.temperatures) > 1:  # log sum p^(1/T) = logsumexp_T - logsumexp_1 / T, small: float16 holds it
+                temps = np.asarray(s.temperatures[1:], np.float32)
+                out["logits/lognorm"] = (lse[..., 1:] - lse[..., :1] / temps).astype(np.float16)
+            out["logits/logtail"] = sig.logtail.cpu().numpy().astype(np.float16)
+        else:
+            out = {"logits/logsumexp": lse}
+            if s.top_k:
+                out["logits/topk_ids"], out["logits/topk_values"] = self._topk_arrays()
+            if s.logtail and s.top_k:  # a cache begun by an older kdpipe is resumed in its own format
+                out["logits/logtail"] = sig.logtail.cpu().numpy()
         if s.sample_count:
             out["sampled/ids"] = sig.sampled_ids.cpu().numpy().astype(self.ids_dtype)
             out["sampled/counts"] = sig.sampled_counts.cpu().numpy().astype(np.uint16)

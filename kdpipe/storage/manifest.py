@@ -1,4 +1,4 @@
-"""The teacher-cache manifest (group attribute `kdpipe`), format version 1.
+"""The teacher-cache manifest (group attribute `kdpipe`), format version 2 (1: a float16 top-k; both read).
 
 The manifest is typed and validated on open: a store written by an unknown major version, or one
 whose manifest is damaged, is refused with a message instead of being misread.
@@ -19,7 +19,7 @@ from kdpipe import __version__
 from kdpipe.errors import UserError
 
 FORMAT = "kdpipe-cache"
-VERSION = 1
+VERSION = 2  # 2: the compact top-k (signals.topk_codec); a float16 cache is still written as version 1
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # a file name, never a path
 
 
@@ -76,6 +76,10 @@ class SignalSpec:
     # per temperature, and the T=1 log-probabilities of the sampled ids (importance weights at another T)
     logtail: bool = False
     sampled_logprobs: bool = False
+    # "compact-v1" (kdpipe 0.3's default, storage.topk_codec): ranked ids and 8-bit log-probabilities within
+    # topk_error nats; "float16": ids in logit order and float16 log-probabilities (older caches)
+    topk_codec: str = "float16"
+    topk_error: float = 0.0
     hidden_layers: list[int] = field(default_factory=list)
     hidden_dtype: str = "float16"  # "bfloat16" is stored as a uint16 view
     hidden_keepbits: int | None = None  # lossy mantissa rounding of hidden states, None = lossless
@@ -167,6 +171,8 @@ class Manifest:
             (s.attention_form in (None, "probs", "factors") and s.hidden_dtype in ("float16", "bfloat16")
              and s.attention_dtype in ("float16", "uint8"), "signals dtypes"),
             (d.packing in ("packed", "padded"), "data.packing"),
+            (s.topk_codec in ("float16", "compact-v1") and s.topk_error >= 0
+             and (s.topk_codec == "float16" or s.logtail), "signals.topk_codec"),  # compact: scaled to the tail
             (len(s.attention_windows) in (0, len(s.attention_layers)) and all(w >= 0 for w in s.attention_windows),
              "signals.attention_windows"),
             (all(SAFE_NAME.match(n) and size > 0 for n, size in self.tokenizer.files.items()), "tokenizer.files"),
@@ -174,6 +180,11 @@ class Manifest:
         for ok, what in checks:
             if not ok:
                 raise ValueError(f"{what} out of range")
+
+    @property
+    def compact_topk(self) -> bool:
+        """The top-k is stored in the compact encoding (storage.topk_codec)."""
+        return bool(self.signals.top_k) and self.signals.topk_codec != "float16"
 
     def window(self, layer: int) -> int:
         """The sliding window of attention layer `layer` (0: plain causal; caches before windows were
@@ -187,6 +198,7 @@ class Manifest:
         signals["attention_windows"] = [self.window(x) for x in self.signals.attention_layers]
         for added in ("logtail", "sampled_logprobs"):  # arrays a newer kdpipe adds: an older store resumes without
             signals.pop(added)
+        signals.pop("topk_error")  # follows from topk_codec
         return {
             "teacher.config_sha256": self.teacher.config_sha256,
             "teacher.weights_sha256": self.teacher.weights_sha256,

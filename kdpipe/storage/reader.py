@@ -11,6 +11,7 @@ import zarr
 from kdpipe.errors import UserError
 from kdpipe.storage.attention import attention_probs
 from kdpipe.storage.codecs import dequantize_logprobs
+from kdpipe.storage import topk_codec
 from kdpipe.storage.integrity import DamagedCache, open_array, read_rows, schema_problem
 from kdpipe.storage.manifest import Manifest
 from kdpipe.storage.schema import LEDGER, array_specs, attention_name, hidden_name, ledger_spec, tokenizer_arrays
@@ -32,6 +33,7 @@ class TeacherCache:
         self.manifest = Manifest.from_dict(group_attrs(self.path).get("kdpipe"), where=self.path)
         self.group = zarr.open_group(self.path, mode="r")
         self._arrays: dict[str, zarr.Array] = {}
+        self._id_table: np.ndarray | None = None
         if check:
             for spec in array_specs(self.manifest) + [ledger_spec(self.manifest)]:
                 problem = schema_problem(self.array(spec.name), spec)
@@ -101,19 +103,39 @@ class TeacherCache:
         if not self.manifest.signals.top_k:
             raise UserError(f"{self.path} is an importance-sampled cache (--top-k 0): it has no top-k logits; use "
                             f"kd:estimator=sampled, or re-extract with --top-k 64")
-        ids = self._read("logits/topk_ids", index).astype(np.int64)
-        logprobs = self._read("logits/topk_values", index).astype(np.float32)
+        if self.manifest.compact_topk:  # within signals.topk_error nats, scaled to the stored mass 1 - tail
+            tail = self.logtail(index)
+            ids, logprobs = topk_codec.decode(self._read("logits/topk_ids", index),
+                                              self._read("logits/topk_values", index), self.id_table(), tail[..., 0])
+        else:
+            ids = self._read("logits/topk_ids", index).astype(np.int64)
+            logprobs = self._read("logits/topk_values", index).astype(np.float32)
         return ids, logprobs, self.logsumexp(index)
+
+    def id_table(self) -> np.ndarray:
+        """The compact top-k's rank -> id table (storage.topk_codec), read once."""
+        if self._id_table is None:
+            table = self._read("logits/id_table", slice(None)).astype(np.int64)
+            if not np.array_equal(np.sort(table), np.arange(len(table))):  # a cache is input: every id once
+                raise DamagedCache(f"{self.path}: logits/id_table is not a permutation of the vocabulary: "
+                                   f"re-extract it with --overwrite")
+            self._id_table = table
+        return self._id_table
 
     def logsumexp(self, index: Index = slice(None)) -> np.ndarray:
         """The teacher's full-vocabulary logsumexp per stored temperature, float32 [.., n_temps]."""
-        return self._read("logits/logsumexp", index)
+        lse = self._read("logits/logsumexp", index)
+        temps = self.manifest.signals.temperatures
+        if self.manifest.compact_topk and len(temps) > 1:  # T=1 stored whole, the others as log sum p^(1/T)
+            rest = lse / np.asarray(temps[1:], np.float32) + self._read("logits/lognorm", index).astype(np.float32)
+            lse = np.concatenate([lse, rest], -1)
+        return lse
 
     def logtail(self, index: Index = slice(None)) -> np.ndarray | None:
         """The teacher's log-mass outside its top-k, per stored temperature, float32 [.., n_temps]; None for
         caches written before kdpipe 0.2 (the losses then recover it from the top-k, exact above ~1e-4)."""
         s = self.manifest.signals
-        return self._read("logits/logtail", index) if s.logtail and s.top_k else None
+        return self._read("logits/logtail", index).astype(np.float32) if s.logtail and s.top_k else None
 
     def tokenizer_files(self) -> dict[str, bytes]:
         """The teacher tokenizer's files (name: bytes) as extraction saved them; {} for caches that predate it."""
@@ -189,6 +211,17 @@ class TeacherCache:
                             f"of {s.attention_layers}): re-extract with --attention-layers/--attention-form")
 
     # -- whole-cache analysis -----------------------------------------------------------------
+    def topk_logprobs_dask(self):
+        """The T=1 top-k log-probabilities [N, T, k] as a dask array (decoded from a compact cache)."""
+        values = self.dask("logits/topk_values")
+        if not self.manifest.compact_topk:
+            return values
+        import dask.array as da
+
+        table = self.id_table()
+        return da.map_blocks(lambda s, q, t: topk_codec.decode(s, q, table, t[..., 0])[1], self.dask("logits/topk_ids"),
+                             values, self.dask("logits/logtail"), dtype=np.float32, chunks=values.chunks)
+
     def dask(self, name: str):
         """A dask array over one stored array, chunked along whole shards (dask needs shard alignment)."""
         import dask.array as da

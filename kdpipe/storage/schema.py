@@ -44,13 +44,22 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
         ArraySpec("tokens/input_ids", (n, t), "int32", "ids"),
         ArraySpec("tokens/length", (n,), "int32", "raw"),
         *([ArraySpec("tokens/loss_mask", (n, t), "uint8", "ids")] if m.data.loss_mask else []),
-        ArraySpec("logits/logsumexp", (n, t, len(s.temperatures)), "float32", "floats"),
     ]
-    if s.top_k:  # --top-k 0: an importance-sampled cache, the draws alone
-        specs[-1:-1] = [ArraySpec("logits/topk_ids", (n, t, s.top_k), ids, "ids"),
+    temps = len(s.temperatures)
+    if m.compact_topk:  # storage.topk_codec
+        specs += [ArraySpec("logits/topk_ids", (n, t, s.top_k), ids, "ranks"),
+                  ArraySpec("logits/topk_values", (n, t, s.top_k), "uint8", "levels"),
+                  ArraySpec("logits/id_table", (teacher.vocab_size,), ids, "ids", per_sequence=False),
+                  ArraySpec("logits/logsumexp", (n, t, 1), "float32", "floats"),
+                  *([ArraySpec("logits/lognorm", (n, t, temps - 1), "float16", "floats")] if temps > 1 else []),
+                  ArraySpec("logits/logtail", (n, t, temps), "float16", "floats")]
+    else:
+        if s.top_k:  # --top-k 0: an importance-sampled cache, the draws alone
+            specs += [ArraySpec("logits/topk_ids", (n, t, s.top_k), ids, "ids"),
                       ArraySpec("logits/topk_values", (n, t, s.top_k), "float16", "floats")]
-    if s.logtail and s.top_k:
-        specs.append(ArraySpec("logits/logtail", (n, t, len(s.temperatures)), "float32", "floats"))
+        specs.append(ArraySpec("logits/logsumexp", (n, t, temps), "float32", "floats"))
+        if s.logtail and s.top_k:
+            specs.append(ArraySpec("logits/logtail", (n, t, temps), "float32", "floats"))
     if s.sample_count:
         draws = min(s.sample_count, teacher.vocab_size)  # at most V distinct ids can be drawn
         specs += [

@@ -115,6 +115,10 @@ _IDENTITY_NAMES = {"teacher.weights_sha256": "the teacher's weights", "teacher.c
                    "data.fingerprint": "the token ids (--data, --seq-len, --packing or the tokenizer)"}
 
 
+# the default changed in kdpipe 0.3: say which flag resumes an older store
+_FLAGS = {"topk_codec": " (--logit-codec float16 resumes a float16 cache)"}
+
+
 def identity_difference(existing: Manifest, wanted: Manifest) -> list[str]:
     """What differs between a store and the run that would resume it, in words."""
     a, b = existing.identity(), wanted.identity()
@@ -123,7 +127,8 @@ def identity_difference(existing: Manifest, wanted: Manifest) -> list[str]:
         if a[key] == b[key]:
             continue
         if isinstance(a[key], dict):
-            fields = [f"{key}.{k}: {a[key].get(k)!r} vs {b[key].get(k)!r}" for k in a[key] if a[key].get(k) != b[key].get(k)]
+            fields = [f"{key}.{k}: {a[key].get(k)!r} vs {b[key].get(k)!r}{_FLAGS.get(k, '')}" for k in a[key]
+                      if a[key].get(k) != b[key].get(k)]
             out += fields
         elif not a[key]:
             out.append(f"{_IDENTITY_NAMES.get(key, key)} (not recorded by the kdpipe that wrote the store)")
@@ -134,9 +139,10 @@ def identity_difference(existing: Manifest, wanted: Manifest) -> list[str]:
 
 def prepare_store(path: str | Path, manifest: Manifest, tokens: np.ndarray, lengths: np.ndarray,
                   resume: bool = False, overwrite: bool = False,
-                  tokenizer_files: dict[str, bytes] | None = None, loss_mask=None) -> zarr.Group:
+                  tokenizer_files: dict[str, bytes] | None = None, loss_mask=None,
+                  id_table: np.ndarray | None = None) -> zarr.Group:
     """Create the store (or reopen it for `--resume`), with every array created and the token ids (and chat
-    data's loss mask) and tokenizer files written. `tokens` and `loss_mask` are read by row ranges, a few
+    data's loss mask), tokenizer files and compact top-k's rank table written. `tokens` and `loss_mask` are read by row ranges, a few
     shards at a time: the corpus need not fit in memory. The caller holds the store's lock."""
     path = Path(path)
     existing = None
@@ -167,6 +173,8 @@ def prepare_store(path: str | Path, manifest: Manifest, tokens: np.ndarray, leng
         if existing is None:  # a resumed store keeps the files it was made with (the tokenizer's hash matched)
             for name, file_name, _ in tokenizer_arrays(manifest):
                 writable(group, name)[:] = np.frombuffer((tokenizer_files or {})[file_name], dtype=np.uint8)
+            if manifest.compact_topk:  # a resumed store keeps its table: units already written use it
+                writable(group, "logits/id_table")[:] = id_table
     except OSError as exc:
         raise disk_error(exc, str(path)) or exc
     return group
