@@ -55,6 +55,11 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
+SIGNAL_BUDGET_HELP = ("Bytes per token for all hidden-state and attention arrays together, e.g. 8KB: kdpipe "
+                      "chooses int8 codes, a projection of hidden states and the share of sequences that carry them "
+                      "(printed, and recorded in the manifest).")
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="kdpipe")
 def cli() -> None:
@@ -98,6 +103,18 @@ def cli() -> None:
               help="probs: post-softmax maps (h*T*T); factors: post-RoPE Q/K/V (3*h*T*d), exact on read.")
 @click.option("--attention-dtype", type=click.Choice(["float16", "uint8"]), default="float16",
               help="Storage of attention probs.")
+@click.option("--signal-budget", default=None, help=SIGNAL_BUDGET_HELP)
+@click.option("--hidden-codec", type=click.Choice(["float16", "int8"]), default="float16",
+              help="Expert: int8 codes hidden states per vector in each channel's calibrated scale (survives massive "
+                   "activations).")
+@click.option("--hidden-rank", type=int, default=0,
+              help="Expert: project hidden states to this many principal directions of the calibration tokens "
+                   "(implies int8; 0: every channel).")
+@click.option("--attention-codec", type=click.Choice(["float16", "int8"]), default="float16",
+              help="Expert: int8 Q/K/V factors, one scale per (token, head).")
+@click.option("--signal-fraction", type=float, default=1.0,
+              help="Expert: the share of each work unit's sequences that carry hidden states and attention "
+                   "(the intermediate-layer losses average over them).")
 @click.option("--interchange", "interchange_layers", default="none",
               help="DIITO: teacher layers (1..L-1: all, uniform:N or a list) of interchange interventions whose "
                    "counterfactual top-k is cached; one more teacher forward per batch.")
@@ -273,6 +290,12 @@ def methods(as_json: bool) -> None:
 @click.option("--hidden-layers", default="none")
 @click.option("--attention-layers", default="none")
 @click.option("--attention-form", type=click.Choice(["probs", "factors"]), default="factors")
+@click.option("--signal-budget", default=None, help=SIGNAL_BUDGET_HELP)
+@click.option("--hidden-codec", type=click.Choice(["float16", "int8"]), default="float16")
+@click.option("--hidden-rank", type=int, default=0)
+@click.option("--attention-codec", type=click.Choice(["float16", "int8"]), default="float16")
+@click.option("--signal-fraction", type=float, default=1.0)
+@click.option("--sequences-per-unit", type=int, default=16)
 @click.option("--gpus", type=int, default=1)
 @click.option("--gpu-memory", default="80GB", help="Memory per GPU.")
 @click.option("--gpu-tflops", type=float, default=300.0, help="Sustained dense TFLOP/s per GPU in --dtype.")
@@ -290,8 +313,9 @@ def plan(**opts) -> None:
     from kdpipe.pipeline.plan import PlanConfig, make_plan, parse_size
 
     as_json = opts.pop("as_json")
-    for size in ("gpu_memory", "bandwidth", "interconnect", "memory_bandwidth", "tokens"):
-        opts[size] = parse_size(opts[size], "B" if size != "tokens" else "")
+    for size in ("gpu_memory", "bandwidth", "interconnect", "memory_bandwidth", "tokens", "signal_budget"):
+        if opts[size] is not None:
+            opts[size] = parse_size(opts[size], "B" if size != "tokens" else "")
     opts["temperatures"] = len(_floats(opts["temperatures"]))
     opts["gpu_flops"] = opts.pop("gpu_tflops") * 1e12
     result = make_plan(PlanConfig(**opts))

@@ -76,6 +76,41 @@ def test_two_ranks_equal_one_rank(engine, launcher, baseline, teachers, corpus, 
     assert_same_store(out, baseline)
 
 
+BUDGET = ["--signal-budget", "80"]  # int8, hidden states projected to 16 of 32 dims, 1 of every 4 sequences
+
+
+@pytest.fixture(scope="module")
+def budget_baseline(teachers, corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("budget") / "cache"
+    proc = kdpipe_extract(teachers["llama"], corpus, out, *BUDGET)
+    assert proc.returncode == 0, proc.stderr
+    m = TeacherCache(out).manifest
+    assert (m.signals.hidden_rank, m.signals.signal_sequences, m.signals.attention_codec) == (16, 1, "int8")
+    return out
+
+
+def test_two_ranks_with_a_signal_budget_equal_one_rank(budget_baseline, teachers, corpus, tmp_path):
+    """The codes are fitted once, on rank 0, and every rank encodes with the stored ones (DIITO's interventions
+    included: the calibration batches are unit 0's, held for its counterfactual run)."""
+    port = str(29500 + (os.getpid() + 7) % 2000)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    proc = kdpipe_extract(teachers["llama"], corpus, tmp_path / "cache", "--engine", "deepspeed", *BUDGET,
+                          launcher=cmd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_same_store(tmp_path / "cache", budget_baseline)
+
+
+@pytest.mark.parametrize("crash", ["0:mid", "4:after"])
+def test_sigkill_with_a_signal_budget_then_resume_equals_uninterrupted(crash, budget_baseline, teachers, corpus,
+                                                                      tmp_path):
+    out = tmp_path / "cache"
+    killed = kdpipe_extract(teachers["llama"], corpus, out, *BUDGET, **{CRASH_ENV: crash})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = kdpipe_extract(teachers["llama"], corpus, out, *BUDGET, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_store(out, budget_baseline)
+
+
 def test_deepspeed_cpu_offload_matches_hf(baseline, teachers, corpus, tmp_path):
     proc = kdpipe_extract(teachers["llama"], corpus, tmp_path / "c", "--engine", "deepspeed", "--offload", "cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -68,6 +68,10 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
 def run_extract(settings: dict[str, Any]):
     from kdpipe.stage1_extract.extractor import ExtractConfig, extract
 
+    if isinstance(settings.get("signal_budget"), str):  # "8KB"
+        from kdpipe.pipeline.plan import parse_size
+
+        settings = {**settings, "signal_budget": parse_size(settings["signal_budget"])}
     opts = coerce(ExtractConfig, settings, "extract", {"for_methods": str | None, "student_layers": int | None})
     for_methods, student_layers = opts.pop("for_methods", None), opts.pop("student_layers", None)
     if for_methods:

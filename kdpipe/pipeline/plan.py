@@ -8,6 +8,7 @@ parameter-streaming bandwidth. The output marks every estimate as such.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 from kdpipe.capture import find_blocks, parse_layers
 from kdpipe.errors import UserError
 from kdpipe.modelio import ALIASES, load_config, resolve_teacher
+from kdpipe.storage import budget
 
 # Llama-shaped presets (vocabulary 32000): the sizes users ask about
 PRESETS: dict[str, dict[str, Any]] = {
@@ -82,6 +84,13 @@ class PlanConfig:
     hidden_layers: str = "none"
     attention_layers: str = "none"
     attention_form: str = "factors"
+    # compressed hidden states and attention (storage.budget), as `kdpipe extract` takes them
+    signal_budget: float | None = None  # bytes per token for both
+    hidden_codec: str = "float16"
+    hidden_rank: int = 0
+    attention_codec: str = "float16"
+    signal_fraction: float = 1.0
+    sequences_per_unit: int = 16
     gpus: int = 1
     gpu_memory: float = 80e9
     dtype: str = "bfloat16"
@@ -104,7 +113,17 @@ class PlanConfig:
                   (self.logit_rows > 0, "--logit-rows must be positive"),
                   (self.dtype in DTYPE_BYTES, f"--dtype must be one of {', '.join(DTYPE_BYTES)}"),
                   (self.offload in ("none", "cpu", "nvme"), "--offload must be none, cpu or nvme"),
-                  (self.attention_form in ("probs", "factors"), "--attention-form must be probs or factors")]
+                  (self.attention_form in ("probs", "factors"), "--attention-form must be probs or factors"),
+                  (self.sequences_per_unit > 0, "--sequences-per-unit must be positive"),
+                  (self.signal_budget is None or self.signal_budget > 0, "--signal-budget must be positive, e.g. 8KB"),
+                  (self.signal_budget is None or (self.hidden_codec, self.hidden_rank, self.attention_codec,
+                                                  self.signal_fraction) == ("float16", 0, "float16", 1.0),
+                   "--signal-budget chooses --hidden-codec, --hidden-rank, --attention-codec and --signal-fraction: "
+                   "give the budget or those, not both"),
+                  (self.hidden_rank >= 0 and 0 < self.signal_fraction <= 1,
+                   "--hidden-rank must be 0 or more and --signal-fraction in (0, 1]"),
+                  (self.attention_codec == "float16" or self.attention_form == "factors",
+                   "--attention-codec int8 codes Q/K/V factors: for --attention-form probs use uint8 probabilities")]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
@@ -170,16 +189,19 @@ def make_plan(c: PlanConfig) -> Plan:
         per_token["sampled"] = min(c.sample_count, vocab) * (ids + 3)
     n_hidden = len(parse_layers(c.hidden_layers, layers, 0, "hidden"))
     n_attn = len(parse_layers(c.attention_layers, layers, 1, "attention"))
-    if n_hidden:
-        per_token["hidden"] = n_hidden * h * 2
-    if n_attn:
-        per_token["attention"] = n_attn * (heads * c.seq_len * 2 if c.attention_form == "probs"
-                                           else (heads + 2 * kv) * d * 2)
+    shapes = budget.Shapes(h, n_hidden, n_attn, heads, kv, d, c.seq_len, c.attention_form if n_attn else None,
+                           c.sequences_per_unit)
+    signals = budget.fit(c.signal_budget, shapes) if c.signal_budget is not None else \
+        budget.from_flags(c.hidden_codec, c.hidden_rank, c.attention_codec, "float16", c.signal_fraction, shapes)
+    per_token.update(budget.bytes_per_token(signals, shapes))
+    exact_signals = sum(budget.bytes_per_token(budget.Settings(), shapes).values()) if n_hidden or n_attn else 0
     logit_mode = "sampled" if not c.top_k else ("compact top-k" if compact else "float16 top-k")
     sequences = math.ceil(c.tokens / c.seq_len)
     cache_bytes = {k: v * sequences * c.seq_len for k, v in per_token.items()}
     if compact:
         cache_bytes["logits"] += vocab * ids  # the rank -> id table, once
+    if signals.hidden_codec == "int8":  # each layer's channel code and projection, once
+        cache_bytes["hidden"] += n_hidden * h * (2 + signals.hidden_rank) * 4
 
     # per-GPU memory: resident parameter share + working set (estimate)
     resident = 0 if offloaded else param_bytes / c.gpus
@@ -187,7 +209,7 @@ def make_plan(c: PlanConfig) -> Plan:
     btok = c.batch_size * c.seq_len
     activations = btok * (4 * h + 2 * inter) * nbytes
     logits = min(c.logit_rows, btok) * vocab * 4 * 2
-    captured = btok * sum(per_token.get(k, 0) for k in ("hidden", "attention")) * 2
+    captured = btok * exact_signals * 2  # float32 on the device until encoded, whatever is stored
     overhead = 1.5e9  # CUDA context, allocator slack
     per_gpu = resident + gathered + activations + logits + captured + overhead
     fits = per_gpu <= c.gpu_memory
@@ -229,6 +251,11 @@ def make_plan(c: PlanConfig) -> Plan:
     for k, v in cache_bytes.items():
         lines.append((f"cache: {k}", f"{_gb(v)} ({per_token[k]:,.1f} B/token) before compression"
                       + (f"; {LOGITS_NOTE[logit_mode]}" if k == "logits" else ""), False))
+    if n_hidden or n_attn:
+        signal_bytes = sum(per_token.get(k, 0) for k in ("hidden", "attention"))
+        lines.append(("hidden + attention", f"{signals.describe(shapes)}: {signal_bytes:,.0f} B/token "
+                                            f"({exact_signals / signal_bytes:.1f}x below exact float16, "
+                                            f"{exact_signals:,.0f})", False))
     lines.append(("cache: total", f"{_gb(sum(cache_bytes.values()))} before compression; "
                                   f"full fp16 logits would be {_gb(2 * vocab * sequences * c.seq_len)}", False))
     lines.append(("time per batch", f"compute {compute_s:.2f}s ({flops / 1e12:,.1f} TFLOP at {c.gpu_flops / 1e12:.0f} "
@@ -240,5 +267,9 @@ def make_plan(c: PlanConfig) -> Plan:
                                      f"({batches_per_gpu:,} batches of {c.batch_size} per GPU)", True))
     data = {"logits_mode": logit_mode, "params": params, "param_bytes": param_bytes, "largest_tensor": largest, "per_gpu_bytes": per_gpu,
             "fits": fits, "cache_bytes": cache_bytes, "cache_bytes_per_token": per_token,
+            "signal_settings": {**dataclasses.asdict(signals), "describe": signals.describe(shapes),
+                                "signal_budget": c.signal_budget,
+                                "bytes_per_token": sum(per_token.get(k, 0) for k in ("hidden", "attention")),
+                                "exact_bytes_per_token": exact_signals},
             "seconds_per_batch": terms[bound], "seconds_by_term": terms, "total_seconds": total_s, "bound": bound}
     return Plan(lines=lines, fits=fits, data=data)

@@ -42,9 +42,10 @@ def cache_summary(path: str) -> dict[str, Any]:
     full_fp16 = 2 * m.teacher.vocab_size
     logit_bytes = sum(a["bytes_per_token"] for a in arrays if a["name"].split("/")[0] in ("logits", "sampled"))
     mode = ("sampled" if not m.signals.top_k else "compact top-k" if m.compact_topk else "float16 top-k")
+    signal_bytes = sum(a["bytes_per_token"] for a in arrays if a["name"].split("/")[0] in ("hidden", "attention"))
     return {"path": path, "manifest": m.to_dict(), "logits_mode": mode, "arrays": arrays, "units_done": done,
             "units_total": total,
-            "logit_bytes_per_token": logit_bytes,
+            "logit_bytes_per_token": logit_bytes, "signal_bytes_per_token": signal_bytes,
             "full_fp16_logits_ratio": full_fp16 / logit_bytes if logit_bytes else None}
 
 
@@ -63,8 +64,20 @@ def _listed(values: list) -> str:
 def describe_signals(sig: dict[str, Any]) -> str:
     sampled = f"{plural(sig['sample_count'], 'draw')} per position" if sig["sample_count"] else "none"
     hidden = f"{_listed(sig['hidden_layers'])} ({sig['hidden_dtype']})" if sig["hidden_layers"] else "none"
+    if sig["hidden_layers"] and sig.get("hidden_codec") == "int8":
+        width = f", projected to {sig['hidden_rank']} dims" if sig.get("hidden_rank") else ""
+        errors = sig.get("hidden_error") or []
+        hidden = (f"{_listed(sig['hidden_layers'])} (int8 per vector in calibrated channel scale{width}; "
+                  f"relative squared error {min(errors):.3g}..{max(errors):.3g} on the calibration tokens)"
+                  if errors else f"{_listed(sig['hidden_layers'])} (int8{width})")
     attention = (f"{sig['attention_form']} of blocks {_listed(sig['attention_layers'])}" if sig["attention_layers"]
                  else "none")
+    if sig["attention_layers"] and sig.get("attention_codec") == "int8":
+        attention += " (int8 per (token, head))"
+    if sig.get("signal_sequences") and (sig["hidden_layers"] or sig["attention_layers"]):
+        attention += f"; hidden states and attention for {sig['signal_sequences']} sequences of every work unit"
+    if sig.get("signal_budget"):
+        attention += f" (--signal-budget {sig['signal_budget']:,.0f} B/token)"
     codec = sig.get("topk_codec", "float16")
     mode = (f"compact (ranked ids, 8-bit log-probabilities within {sig.get('topk_error', 0):g} nats)"
             if codec != "float16" else "float16")
@@ -101,6 +114,8 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"logits ({s['logits_mode']}; top-k, draws, logsumexp, log tail): "
                      f"{s['logit_bytes_per_token']:.1f} B/token, "
                      f"{s['full_fp16_logits_ratio']:.0f}x smaller than full fp16 logits")
+    if s["signal_bytes_per_token"]:
+        lines.append(f"hidden states and attention: {s['signal_bytes_per_token']:.1f} B/token stored")
     return "\n".join(lines)
 
 

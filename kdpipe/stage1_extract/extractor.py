@@ -8,13 +8,12 @@ from pathlib import Path
 
 from dataclasses import dataclass, field
 
-import numpy as np
 from tqdm import tqdm
 
 from kdpipe.console import quiet_libraries, say
 from kdpipe.capture import parse_layers, text_config
 from kdpipe.errors import UserError
-from kdpipe.stage1_extract.calibrate import calibrate_id_table
+from kdpipe.stage1_extract.calibrate import calibrate, calibration_sequences
 from kdpipe.stage1_extract.chat import check_chat_template
 from kdpipe.stage1_extract.corpus import expand_sources, iter_documents, tokenize_documents
 from kdpipe.stage1_extract.packing import TokenBlocks, pack
@@ -25,12 +24,16 @@ from kdpipe.stage1_extract.runner import UnitRunner
 from kdpipe.stage1_extract.teacher import (configure_threads, describe_teacher, describe_tokenizer, load_teacher,
                                            check_tokenizer, load_tokenizer, resolve_teacher, saved_files,
                                            weights_fingerprint)
+from kdpipe.storage import budget
+from kdpipe.storage.budget import Shapes
+from kdpipe.storage.codes import read_codecs, read_signal_rows
 from kdpipe.storage.manifest import DataInfo, EngineInfo, Layout, Manifest, SignalSpec
 from kdpipe.storage.schema import array_specs, unit_range
 from kdpipe.storage.topk_codec import CODEC, ERROR_BOUND
 from kdpipe.modelio import check_device, load_config
 from kdpipe.storage.lock import DirectoryLock, describe
-from kdpipe.storage.writer import UnitWriter, check_out, finalize, open_store, prepare_store, units_done
+from kdpipe.storage.writer import (UnitWriter, check_out, finalize, open_store, prepare_store, read_manifest,
+                                   units_done)
 
 
 @dataclass
@@ -60,6 +63,13 @@ class ExtractConfig:
     attention_dtype: str = "float16"
     interchange_layers: str = "none"
     interchange_rate: float = 0.3
+    # compressed hidden states and attention (storage.signal_codec): a budget in bytes per token for both
+    # together (storage.budget chooses the settings), or the settings themselves
+    signal_budget: float | None = None
+    hidden_codec: str = "float16"  # or "int8"
+    hidden_rank: int = 0  # int8: project to this many dimensions (0: all)
+    attention_codec: str = "float16"  # factors: or "int8"
+    signal_fraction: float = 1.0  # of each work unit's sequences, those that carry hidden states and attention
     dtype: str = "float32"
     device: str = "cpu"
     engine: str = "hf"
@@ -109,6 +119,18 @@ def _check_options(cfg: ExtractConfig) -> None:
          "--sequences-per-chunk must divide --sequences-per-unit"),
         (0 < cfg.interchange_rate <= 1, "--interchange-rate must be in (0, 1]"),
         (cfg.hidden_keepbits is None or 1 <= cfg.hidden_keepbits <= 10, "--hidden-keepbits must be in 1..10"),
+        (cfg.signal_budget is None or cfg.signal_budget > 0, "--signal-budget must be positive, e.g. 8KB"),
+        (cfg.signal_budget is None or (cfg.hidden_codec, cfg.hidden_rank, cfg.attention_codec, cfg.signal_fraction)
+         == ("float16", 0, "float16", 1.0), "--signal-budget chooses --hidden-codec, --hidden-rank, --attention-codec "
+                                             "and --signal-fraction: give the budget or those, not both"),
+        (cfg.hidden_codec in ("float16", "int8") and cfg.attention_codec in ("float16", "int8"),
+         "--hidden-codec and --attention-codec are float16 or int8"),
+        (cfg.hidden_rank >= 0, "--hidden-rank must be 0 (every channel) or more"),
+        (0 < cfg.signal_fraction <= 1, "--signal-fraction must be in (0, 1]"),
+        (cfg.attention_codec == "float16" or cfg.attention_form == "factors",
+         "--attention-codec int8 codes Q/K/V factors: for --attention-form probs use --attention-dtype uint8"),
+        (cfg.hidden_keepbits is None or (cfg.hidden_codec == "float16" and not cfg.hidden_rank),
+         "--hidden-keepbits rounds float16 hidden states: leave it out with --hidden-codec int8 or --hidden-rank"),
         (cfg.engine in ("hf", "deepspeed"), f"engine {cfg.engine!r} is not available: use --engine hf or deepspeed"),
         (cfg.offload in ("cpu", "nvme"), "--offload must be cpu or nvme"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other: pick one"),
@@ -158,7 +180,12 @@ def _extract(cfg: ExtractConfig, source, files, ranks: Ranks, model, tokenizer) 
             model, _ = load_deepspeed_teacher(source, cfg.dtype, cfg.device, cfg.offload, cfg.nvme_path,
                                               cfg.deepspeed, cfg.trust_remote_code)
     model = model or load_teacher(source, cfg.dtype, cfg.device, cfg.trust_remote_code)
-    manifest, tokens = _plan(cfg, source, model, tokenizer, files, engine)
+    manifest, tokens, (chosen, shapes) = _plan(cfg, source, model, tokenizer, files, engine)
+    if cfg.signal_budget is not None and ranks.rank == 0:
+        sizes = budget.bytes_per_token(chosen, shapes)
+        say(f"--signal-budget {cfg.signal_budget:,.0f} B/token: {chosen.describe(shapes)}; "
+            f"{sum(sizes.values()):,.0f} B/token of hidden states and attention before compression (exact: "
+            f"{sum(budget.bytes_per_token(budget.Settings(), shapes).values()):,.0f})")
     try:
         return _run(cfg, ranks, model, tokenizer, manifest, tokens)
     finally:
@@ -180,23 +207,34 @@ def _run(cfg: ExtractConfig, ranks: Ranks, model, tokenizer, manifest: Manifest,
     if s.attention_layers:
         s.attention_scaling = checked.scaling  # what the model's attention calls really use, read off them
 
-    table = None
-    if manifest.compact_topk:  # every rank calibrates (ZeRO-3 keeps forwards in step); rank 0's table is stored
-        table = calibrate_id_table(model, spec, tokens, lengths, manifest.data.packing == "padded", cfg.batch_size)
+    runner = UnitRunner(model, manifest, spec, cfg.batch_size)
+    # A new store is calibrated on unit 0's first batches (stage1_extract.calibrate), by every rank, since
+    # ZeRO-3 keeps their forwards in step; rank 0 fits and stores the codes, and those batches become its
+    # unit 0's first ones. A resumed store keeps the codes it was written with.
+    fresh = ranks.share(cfg.overwrite or read_manifest(cfg.out) is None if ranks.rank == 0 else None)
+    count = calibration_sequences(manifest) if fresh else 0
+    s0, s1 = unit_range(manifest, 0)
+    held = runner.calibration_batches(tokens[s0:s1], lengths[s0:s1], range(s0, s1), count) if count else []
+    calibration = calibrate(manifest, held, tokens, lengths, runner.device) if held and ranks.rank == 0 else None
+    if calibration is not None:
+        s.hidden_error, s.attention_error = calibration.hidden_error, calibration.attention_error
 
     # rank 0 creates (or reopens) the store; the others open it once it exists, and all fail together
     group = ranks.first(lambda: prepare_store(cfg.out, manifest, tokens, lengths, cfg.resume, cfg.overwrite,
                                               tokenizer_files, tokens.masks if tokens.has_loss_mask else None,
-                                              table))
+                                              calibration.codecs if calibration else None))
     group = group if ranks.rank == 0 else open_store(cfg.out)
-    if manifest.compact_topk:
-        table = np.asarray(group["logits/id_table"][:]).astype(np.int64)  # what the store holds, for every rank
+    # what the store holds, for every rank
+    runner.use(read_codecs(group, manifest, cfg.out), read_signal_rows(group, manifest, cfg.out))
     pending = [u for u, done in enumerate(units_done(group)) if not done]
     mine = pending[ranks.rank::ranks.world]
+    reuse = held if mine[:1] == [0] else []  # unit 0's owner encodes the calibration batches; the others drop them
 
-    runner = UnitRunner(model, manifest, spec, cfg.batch_size, table)
-    writer = UnitWriter(group, cfg.out)
+    writer = UnitWriter(group, cfg.out, manifest=manifest)
+    passes = 2 if manifest.signals.interchange_layers else 1  # a counterfactual forward per batch
     batches = [_batches(manifest, pending[r::ranks.world], cfg.batch_size) for r in range(ranks.world)]
+    # forwards each rank makes from here, counting the calibration's as unit 0's: the others ran them extra
+    forwards = [passes * b + (len(held) if r != 0 else 0) for r, b in enumerate(batches)]
     total_tokens = sum(int(lengths[slice(*unit_range(manifest, u))].sum()) for u in mine)
     written_seqs = written_tokens = 0
     start = time.perf_counter()
@@ -205,12 +243,12 @@ def _run(cfg: ExtractConfig, ranks: Ranks, model, tokenizer, manifest: Manifest,
     try:
         for unit in mine:
             s0, s1 = unit_range(manifest, unit)
-            writer.submit(unit, s0, runner.unit(tokens[s0:s1], lengths[s0:s1], range(s0, s1), bar))
+            writer.submit(unit, s0, runner.unit(tokens[s0:s1], lengths[s0:s1], range(s0, s1), bar,
+                                                reuse if unit == 0 else ()))
             written_seqs += s1 - s0
             written_tokens += int(lengths[s0:s1].sum())
         if cfg.engine == "deepspeed":
-            passes = 2 if manifest.signals.interchange_layers else 1  # a counterfactual forward per batch
-            for _ in range(passes * (max(batches) - batches[ranks.rank])):
+            for _ in range(max(forwards) - forwards[ranks.rank]):
                 runner.idle_forward(tokens)
     finally:
         bar.close()
@@ -274,6 +312,12 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
 
     per_unit = cfg.sequences_per_unit
     compact = cfg.logit_codec == "compact" and cfg.top_k > 0
+    shapes = Shapes(teacher.hidden_size, len(hidden_layers), len(attention_layers), teacher.num_heads,
+                    teacher.num_kv_heads, teacher.head_dim, cfg.seq_len,
+                    cfg.attention_form if attention_layers else None, per_unit)
+    chosen = budget.fit(cfg.signal_budget, shapes) if cfg.signal_budget is not None else \
+        budget.from_flags(cfg.hidden_codec, cfg.hidden_rank, cfg.attention_codec, cfg.attention_dtype,
+                          cfg.signal_fraction, shapes)
     manifest = Manifest(
         teacher=teacher,
         tokenizer=describe_tokenizer(tokenizer, cfg.tokenizer or source.name),
@@ -288,15 +332,19 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
                            hidden_layers=hidden_layers, hidden_dtype=cfg.hidden_dtype,
                            hidden_keepbits=cfg.hidden_keepbits, attention_layers=attention_layers,
                            attention_form=cfg.attention_form if attention_layers else None,
-                           attention_dtype=cfg.attention_dtype, interchange_layers=interchange_layers,
-                           interchange_rate=cfg.interchange_rate if interchange_layers else 0.0),
+                           attention_dtype=chosen.attention_dtype, interchange_layers=interchange_layers,
+                           interchange_rate=cfg.interchange_rate if interchange_layers else 0.0,
+                           hidden_codec=chosen.hidden_codec, hidden_rank=chosen.hidden_rank,
+                           attention_codec=chosen.attention_codec, signal_sequences=chosen.signal_sequences,
+                           signal_budget=cfg.signal_budget),
         layout=Layout(sequences_per_unit=per_unit, sequences_per_chunk=cfg.sequences_per_chunk or per_unit,
                       num_units=math.ceil(n / per_unit)),
         engine=engine,
-        version=2 if compact else 1,  # a kdpipe before 0.3 cannot read the compact top-k: it says to upgrade
+        # a kdpipe before 0.3 reads neither the compact top-k nor compressed signals: it says to upgrade
+        version=2 if compact or chosen != budget.Settings(attention_dtype=chosen.attention_dtype) else 1,
     )
     manifest.layout.codecs = {spec.name: spec.preset for spec in array_specs(manifest)}
-    return manifest, tokens
+    return manifest, tokens, (chosen, shapes)
 
 
 def _spool_dir(out: str) -> str | None:

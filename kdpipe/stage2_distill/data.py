@@ -68,7 +68,8 @@ def hidden_scales(cache: TeacherCache, layers: list[int], units: list[int],
     per = cache.manifest.layout.sequences_per_unit
     rows: list[int] = []
     for unit in sorted(units):
-        rows += range(unit * per, min((unit + 1) * per, cache.num_sequences))
+        unit_rows = np.arange(unit * per, min((unit + 1) * per, cache.num_sequences))
+        rows += unit_rows[cache.signal_rows(unit_rows) >= 0].tolist()  # those that carry hidden states
         if len(rows) >= sequences:
             break
     if not rows or not layers:
@@ -83,6 +84,9 @@ def hidden_scales(cache: TeacherCache, layers: list[int], units: list[int],
     return scales
 
 
+LAYER_KEYS = ("hidden/", "attention/", "factors/")
+
+
 class UnitReader:
     """Reads the needed arrays of whole units and gathers batches from them."""
 
@@ -91,12 +95,27 @@ class UnitReader:
         # another teacher's cache is read by the first cache's units, whatever its own layout
         self.per = per or cache.manifest.layout.sequences_per_unit
 
+    @property
+    def reads_layers(self) -> bool:
+        n = self.needs
+        return bool(n.hidden or n.attention or n.factors)
+
     def read_units(self, units: list[int]) -> dict[str, np.ndarray]:
+        """The units' arrays, rows in order. Subsampled, hidden states and attention hold only the sequences
+        that carry them, and `signal_pos` gives each sequence's row among those (-1: none)."""
         parts: dict[str, list[np.ndarray]] = {}
+        subsampled = self.cache.manifest.subsampled and self.reads_layers
+        offset = 0
         for unit in units:
             index = slice(unit * self.per, min((unit + 1) * self.per, self.cache.num_sequences))
             arrays = {"input_ids": self.cache.input_ids(index), "length": self.cache.lengths(index),
                       "sequence_ids": np.arange(index.start, index.stop)}
+            layers = index
+            if subsampled:
+                have = self.cache.signal_rows(index) >= 0
+                layers = index.start + np.flatnonzero(have)
+                arrays["signal_pos"] = np.where(have, offset + np.cumsum(have) - 1, -1)
+                offset += int(have.sum())
             if self.cache.manifest.data.loss_mask:
                 arrays["loss_mask"] = self.cache.loss_mask(index)
             if self.needs.topk:
@@ -110,11 +129,11 @@ class UnitReader:
                 if "logsumexp" not in arrays:  # the importance weights at another temperature use them
                     arrays["logsumexp"] = self.cache.logsumexp(index)
             for layer in self.needs.hidden:
-                arrays[f"hidden/{layer}"] = self.cache.hidden(layer, index)
+                arrays[f"hidden/{layer}"] = self.cache.hidden(layer, layers)
             for layer in self.needs.attention:
-                arrays[f"attention/{layer}"] = self.cache.attention_probs(layer, index)
+                arrays[f"attention/{layer}"] = self.cache.attention_probs(layer, layers)
             for layer in self.needs.factors:
-                for part, x in zip("qkv", self.cache.attention_factors(layer, index)):
+                for part, x in zip("qkv", self.cache.attention_factors(layer, layers)):
                     arrays[f"factors/{layer}/{part}"] = x
             if self.needs.interchange:  # sources are sequences of the same unit, already read
                 plan = self.cache.interchange(index)
@@ -127,7 +146,13 @@ class UnitReader:
 
     @staticmethod
     def batch(buffer: dict[str, np.ndarray], rows: np.ndarray) -> Batch:
-        pick = {k: torch.from_numpy(np.ascontiguousarray(v[rows])) for k, v in buffer.items()}
+        signal_rows = None
+        layer_rows = rows
+        if "signal_pos" in buffer:  # subsampled: hidden states and attention of the rows that carry them
+            pos = buffer["signal_pos"][rows]
+            signal_rows, layer_rows = torch.from_numpy(np.flatnonzero(pos >= 0)), pos[pos >= 0]
+        pick = {k: torch.from_numpy(np.ascontiguousarray(v[layer_rows if k.startswith(LAYER_KEYS) else rows]))
+                for k, v in buffer.items() if k != "signal_pos"}
         t = pick["input_ids"].shape[1]
         return Batch(
             input_ids=pick["input_ids"].long(),
@@ -141,13 +166,17 @@ class UnitReader:
             factors={layer: tuple(pick[f"factors/{layer}/{p}"] for p in "qkv")
                      for layer in {int(k.split("/")[1]) for k in pick if k.startswith("factors/")}},
             interchange={k.split("/", 1)[1]: v for k, v in pick.items() if k.startswith("interchange/")},
-            sequence_ids=pick["sequence_ids"],
+            sequence_ids=pick["sequence_ids"], signal_rows=signal_rows,
         )
 
 
 def plan(units: list[int], per_unit: int, num_sequences: int, batch_size: int, buffer_units: int,
-         seed: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-    """Endless (units of the buffer, row indices within the buffer) per batch; deterministic in seed."""
+         seed: int, carries: dict[int, np.ndarray] | None = None,
+         least: int = 1) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    """Endless (units of the buffer, row indices within the buffer) per batch; deterministic in seed.
+    `carries` (unit -> bool per sequence) stratifies the batches of a subsampled cache: each holds its share of
+    the sequences that carry hidden states and attention, at least `least` (those rows then recur within a
+    buffer more often than the others), so that every batch's intermediate-layer losses have rows to average over."""
     if not units:
         raise UserError("no complete work units to train on")
     sizes = {u: min(per_unit, num_sequences - u * per_unit) for u in units}
@@ -159,9 +188,19 @@ def plan(units: list[int], per_unit: int, num_sequences: int, batch_size: int, b
         order = rng.permutation(units).tolist()
         for g in range(0, len(order), buffer_units):
             group = tuple(order[g:g + buffer_units])
-            rows = rng.permutation(sum(sizes[u] for u in group))
-            for b in range(0, len(rows) - batch_size + 1, batch_size):
-                yield group, rows[b:b + batch_size]
+            if carries is None:
+                rows = rng.permutation(sum(sizes[u] for u in group))
+                for b in range(0, len(rows) - batch_size + 1, batch_size):
+                    yield group, rows[b:b + batch_size]
+                continue
+            flags = np.concatenate([carries[u] for u in group])
+            signal, plain = rng.permutation(np.flatnonzero(flags)), rng.permutation(np.flatnonzero(~flags))
+            share = min(batch_size, len(signal), max(least, round(batch_size * len(signal) / len(flags))))
+            rest = batch_size - share
+            count = len(plain) // rest if rest else len(signal) // share
+            for b in range(count):
+                picked = signal[(b * share + np.arange(share)) % len(signal)]
+                yield group, np.concatenate([picked, plain[b * rest:(b + 1) * rest]])
         epoch += 1
 
 
@@ -171,11 +210,17 @@ class TrainBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, cache: TeacherCache, needs: Needs, units: list[int], batch_size: int, seed: int,
                  buffer_units: int = 4, skip: int = 0, prefetch: int = 4,
-                 others: list[tuple[TeacherCache, Needs]] = ()):
+                 others: list[tuple[TeacherCache, Needs]] = (), least_signal_rows: int = 1):
         super().__init__()
         self.reader = UnitReader(cache, needs)
         self.others = [UnitReader(c, n, self.reader.per) for c, n in others]
-        self._plan = plan(units, self.reader.per, cache.num_sequences, batch_size, buffer_units, seed)
+        carries = None
+        if cache.manifest.subsampled and self.reader.reads_layers:
+            per = self.reader.per
+            carries = {u: cache.signal_rows(np.arange(u * per, min((u + 1) * per, cache.num_sequences))) >= 0
+                       for u in units}
+        self._plan = plan(units, self.reader.per, cache.num_sequences, batch_size, buffer_units, seed, carries,
+                          least_signal_rows)
         for _ in range(skip):
             next(self._plan)
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
@@ -254,6 +299,14 @@ def check_teachers(caches: list[TeacherCache], methods, student_vocab: int | Non
         raise UserError(f"{len(caches)} caches given but no chosen method reads more than one teacher: add a "
                         f"multi-teacher method (tmkd, mt_bert, rl_kd, uncertainty, dgkd) or pass one --cache")
     first = caches[0].manifest
+    layered = [i for i in range(len(caches)) if any(mt.teacher_needs(i) != Needs() and (
+        mt.teacher_needs(i).hidden or mt.teacher_needs(i).factors or mt.teacher_needs(i).attention) for mt in methods)]
+    if len(layered) > 1 and any(caches[i].manifest.subsampled for i in layered) and (
+            layered[0] != 0 or any(not np.array_equal(caches[i].signal_rows(), caches[0].signal_rows())
+                                   for i in layered)):
+        raise UserError(f"the hidden states or attention of {caches[layered[-1]].path} and {caches[0].path} come from "
+                        f"different sequences (--signal-budget / --signal-fraction): extract every teacher with the "
+                        f"same signal settings, --seed and --sequences-per-unit")
     for i, cache in enumerate(caches):
         check_needs(methods, cache.manifest, cache.path, i)
         reads_logits = any(mt.teacher_needs(i).topk or mt.teacher_needs(i).sampled for mt in methods)

@@ -216,7 +216,9 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
         if trackers:
             trackers.log({"step": 0, **initial})
     batches = TrainBatches(cache, needs, split.train_units[rank::world], cfg.batch_size, cfg.seed, cfg.buffer_units,
-                           skip=start * cfg.grad_accum, others=other_needs)  # each rank reads its own units
+                           skip=start * cfg.grad_accum, others=other_needs,  # each rank reads its own units
+                           least_signal_rows=max([mt.batch_rows for mt in methods if mt.reads_layers(len(caches))],
+                                                 default=1))
     bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=cfg.quiet, dynamic_ncols=True)
     tokens = 0
     starts: list[dict[str, float]] = []  # the first steps' loss terms, to say if one swamps the others
@@ -236,7 +238,7 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
                                             scaling=cap.scaling, masks=dict(cap.masks), softcaps=dict(cap.softcaps),
                                             run=run_student)
                     terms = {f"{mt.name}/{k}": mt.weight * v for mt in methods
-                             for k, v in mt.loss(batch, outputs, step).items()}
+                             for k, v in method_loss(mt, batch, outputs, step, len(caches)).items()}
                     loss = sum(terms.values())
                 if engine is not None:  # DeepSpeed scales by 1 / grad_accum and steps at the boundary itself
                     engine.backward(loss)
@@ -285,6 +287,14 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
     if rank == 0:
         run.write_final({"steps": cfg.steps, "initial": initial, "final": final})
     return DistillResult(str(run.path), cfg.steps, final, initial, seconds, tokens / max(seconds, 1e-9))
+
+
+def method_loss(method, batch, outputs: StudentOutput, step: int, caches: int) -> dict[str, torch.Tensor]:
+    """A method's loss terms. From a subsampled cache an intermediate-layer method sees the rows that carry
+    hidden states and attention (every batch holds some: data.plan), so its loss averages over them."""
+    if batch.signal_rows is not None and method.reads_layers(caches):
+        return method.loss(batch.signal_view(), outputs.rows(batch.signal_rows), step)
+    return method.loss(batch, outputs, step)
 
 
 DOMINANCE_STEPS = 10  # steps whose mean loss terms are compared

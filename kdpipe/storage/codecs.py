@@ -16,6 +16,9 @@ PRESETS = {
     # student run, so zstd's slower level 9 (5-8% smaller than 3 here) is worth it
     "ranks": dict(cname="zstd", clevel=9, shuffle=BloscShuffle.shuffle),
     "levels": dict(cname="zstd", clevel=9, shuffle=BloscShuffle.noshuffle),
+    # int8 hidden states and attention factors (storage.signal_codec): two's complement small values share
+    # their high bits, which bit shuffle lines up
+    "int8": dict(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle),
     # float16 logits, hidden states, attention: bit shuffle exposes the slowly varying exponent bits
     "floats": dict(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle),
     # dense attention is the bulkiest signal: favour speed over the last few percent

@@ -91,6 +91,18 @@ class SignalSpec:
     attention_softcap: float | None = None  # attention soft-capping (Gemma 2), applied when rebuilding
     interchange_layers: list[int] = field(default_factory=list)  # DIITO: teacher layers of the interventions
     interchange_rate: float = 0.0  # DIITO: interchanged span, as a fraction of the shorter sequence
+    # compressed intermediate signals (storage.signal_codec), kdpipe 0.3: "int8" hidden states are coded in
+    # each channel's calibrated scale, projected to `hidden_rank` dimensions (0: all) and quantized per vector;
+    # "int8" attention factors per (token, head) vector; `signal_sequences` of every work unit carry hidden
+    # states and attention (0: all of them). The budget asked for, and the error each layer's encoding measured
+    # on the calibration tokens (relative squared error, channel-scaled hidden states / factors), are recorded.
+    hidden_codec: str = "float16"
+    hidden_rank: int = 0
+    attention_codec: str = "float16"
+    signal_sequences: int = 0
+    signal_budget: float | None = None
+    hidden_error: list[float] = field(default_factory=list)
+    attention_error: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -171,6 +183,10 @@ class Manifest:
             (s.attention_form in (None, "probs", "factors") and s.hidden_dtype in ("float16", "bfloat16")
              and s.attention_dtype in ("float16", "uint8"), "signals dtypes"),
             (d.packing in ("packed", "padded"), "data.packing"),
+            (s.hidden_codec in ("float16", "int8") and s.attention_codec in ("float16", "int8")
+             and 0 <= s.hidden_rank <= t.hidden_size and (s.hidden_codec == "int8" or not s.hidden_rank)
+             and (s.attention_codec == "float16" or s.attention_form == "factors")
+             and 0 <= s.signal_sequences <= lay.sequences_per_unit, "signals codecs"),
             (s.topk_codec in ("float16", "compact-v1") and s.topk_error >= 0
              and (s.topk_codec == "float16" or s.logtail), "signals.topk_codec"),  # compact: scaled to the tail
             (len(s.attention_windows) in (0, len(s.attention_layers)) and all(w >= 0 for w in s.attention_windows),
@@ -180,6 +196,17 @@ class Manifest:
         for ok, what in checks:
             if not ok:
                 raise ValueError(f"{what} out of range")
+
+    @property
+    def signal_rows(self) -> int:
+        """Sequences of each full work unit that carry hidden states and attention (all, unless subsampled)."""
+        return self.signals.signal_sequences or self.layout.sequences_per_unit
+
+    @property
+    def subsampled(self) -> bool:
+        """Hidden states and attention are stored for some sequences only (`tokens/signal_row` says which)."""
+        return self.signal_rows < self.layout.sequences_per_unit and bool(self.signals.hidden_layers
+                                                                          or self.signals.attention_layers)
 
     @property
     def compact_topk(self) -> bool:
@@ -198,7 +225,8 @@ class Manifest:
         signals["attention_windows"] = [self.window(x) for x in self.signals.attention_layers]
         for added in ("logtail", "sampled_logprobs"):  # arrays a newer kdpipe adds: an older store resumes without
             signals.pop(added)
-        signals.pop("topk_error")  # follows from topk_codec
+        for measured in ("topk_error", "signal_budget", "hidden_error", "attention_error"):
+            signals.pop(measured)  # follow from the settings (a budget from the settings it chose)
         return {
             "teacher.config_sha256": self.teacher.config_sha256,
             "teacher.weights_sha256": self.teacher.weights_sha256,

@@ -14,7 +14,9 @@ from kdpipe.storage.codecs import dequantize_logprobs
 from kdpipe.storage import topk_codec
 from kdpipe.storage.integrity import DamagedCache, open_array, read_rows, schema_problem
 from kdpipe.storage.manifest import Manifest
+from kdpipe.storage.codes import Codecs, read_codecs, read_signal_rows
 from kdpipe.storage.schema import LEDGER, array_specs, attention_name, hidden_name, ledger_spec, tokenizer_arrays
+from kdpipe.storage.signal_codec import dequantize
 from kdpipe.storage.writer import group_attrs
 
 Index = slice | np.ndarray | list[int]
@@ -33,7 +35,8 @@ class TeacherCache:
         self.manifest = Manifest.from_dict(group_attrs(self.path).get("kdpipe"), where=self.path)
         self.group = zarr.open_group(self.path, mode="r")
         self._arrays: dict[str, zarr.Array] = {}
-        self._id_table: np.ndarray | None = None
+        self._codecs: Codecs | None = None
+        self._signal_row: np.ndarray | None = None
         if check:
             for spec in array_specs(self.manifest) + [ledger_spec(self.manifest)]:
                 problem = schema_problem(self.array(spec.name), spec)
@@ -112,15 +115,15 @@ class TeacherCache:
             logprobs = self._read("logits/topk_values", index).astype(np.float32)
         return ids, logprobs, self.logsumexp(index)
 
+    def codecs(self) -> Codecs:
+        """The codes the cache was encoded with (storage.codes), read and checked once."""
+        if self._codecs is None:
+            self._codecs = read_codecs(self.group, self.manifest, self.path)
+        return self._codecs
+
     def id_table(self) -> np.ndarray:
-        """The compact top-k's rank -> id table (storage.topk_codec), read once."""
-        if self._id_table is None:
-            table = self._read("logits/id_table", slice(None)).astype(np.int64)
-            if not np.array_equal(np.sort(table), np.arange(len(table))):  # a cache is input: every id once
-                raise DamagedCache(f"{self.path}: logits/id_table is not a permutation of the vocabulary: "
-                                   f"re-extract it with --overwrite")
-            self._id_table = table
-        return self._id_table
+        """The compact top-k's rank -> id table (storage.topk_codec)."""
+        return self.codecs().id_table
 
     def logsumexp(self, index: Index = slice(None)) -> np.ndarray:
         """The teacher's full-vocabulary logsumexp per stored temperature, float32 [.., n_temps]."""
@@ -176,26 +179,60 @@ class TeacherCache:
                 "topk_ids": self._read("interchange/topk_ids", index).astype(np.int64),
                 "topk_logprobs": self._read("interchange/topk_values", index).astype(np.float32)}
 
+    # -- hidden states and attention: every sequence's, or, subsampled, those of `tokens/signal_row` --------
+    def signal_rows(self, index: Index = slice(None)) -> np.ndarray:
+        """For the given sequences, their rows in the hidden-state and attention arrays (-1: the sequence carries
+        none, in a cache that stores them for `signals.signal_sequences` of every unit's sequences)."""
+        if not self.manifest.subsampled:
+            return np.arange(self.num_sequences)[index]
+        if self._signal_row is None:
+            self._signal_row = read_signal_rows(self.group, self.manifest, self.path)
+        return self._signal_row[index]
+
+    def _signal_index(self, index: Index, what: str) -> Index:
+        if not self.manifest.subsampled:
+            return index
+        rows = self.signal_rows(index)
+        if (rows < 0).any():
+            seq = np.arange(self.num_sequences)[index][rows < 0][0]
+            raise UserError(f"sequence {seq} of {self.path} carries no {what}: the cache stores them for "
+                            f"{self.manifest.signal_rows} of every {self.manifest.layout.sequences_per_unit} "
+                            f"sequences (signal_rows() says which)")
+        return rows
+
     def hidden(self, layer: int, index: Index = slice(None)) -> np.ndarray:
-        if layer not in self.manifest.signals.hidden_layers:
+        """Hidden states [n, T, H] float32 of the given sequences, decoded (storage.signal_codec) when compressed."""
+        s = self.manifest.signals
+        if layer not in s.hidden_layers:
             raise UserError(f"{self.path} has no hidden states of layer {layer} (stored: "
-                            f"{self.manifest.signals.hidden_layers}): re-extract with --hidden-layers")
-        raw = self._read(hidden_name(layer), index)
-        if self.manifest.signals.hidden_dtype == "bfloat16":
+                            f"{s.hidden_layers}): re-extract with --hidden-layers")
+        rows = self._signal_index(index, "hidden states")
+        raw = self._read(hidden_name(layer), rows)
+        if s.hidden_codec == "int8":
+            step = self._read(f"{hidden_name(layer)}_step", rows)
+            return self.codecs().hidden[layer].decode(torch.from_numpy(raw), torch.from_numpy(step)).numpy()
+        if s.hidden_dtype == "bfloat16":
             return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float().numpy()
         return raw.astype(np.float32)
 
     def attention_factors(self, layer: int, index: Index = slice(None)) -> tuple[np.ndarray, ...]:
         """Post-RoPE (q, k, v) of block `layer`; k and v keep the teacher's grouped-query heads."""
         self._check_attention(layer, "factors")
-        return tuple(self._read(attention_name(layer, p), index).astype(np.float32) for p in "qkv")
+        rows = self._signal_index(index, "attention")
+        out = []
+        for part in "qkv":
+            raw = self._read(attention_name(layer, part), rows)
+            if self.manifest.signals.attention_codec == "int8":
+                raw = dequantize(raw, self._read(f"{attention_name(layer, part)}_step", rows)).numpy()
+            out.append(raw.astype(np.float32))
+        return tuple(out)
 
     def attention_probs(self, layer: int, index: Index = slice(None)) -> np.ndarray:
         """Post-softmax attention [n, h, T, T] of block `layer`, stored or recomputed exactly from factors."""
         s = self.manifest.signals
         if s.attention_form == "probs":
             self._check_attention(layer, "probs")
-            raw = self._read(attention_name(layer), index)
+            raw = self._read(attention_name(layer), self._signal_index(index, "attention"))
             return raw.astype(np.float32) / 255.0 if s.attention_dtype == "uint8" else raw.astype(np.float32)
         q, k, _ = self.attention_factors(layer, index)
         lengths = None if self.manifest.data.packing == "packed" else torch.from_numpy(self.lengths(index))

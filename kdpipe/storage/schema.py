@@ -3,7 +3,10 @@ the reader opens and `kdpipe verify` checks."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from kdpipe.storage.manifest import Manifest
 
@@ -22,6 +25,7 @@ class ArraySpec:
     preset: str
     logical_dtype: str | None = None  # what the stored bits mean when it differs, e.g. bfloat16 as uint16
     per_sequence: bool = True  # rows are sequences, written by work unit; else one chunk, written at creation
+    unit_rows: int | None = None  # rows each work unit owns, one chunk a unit (signal rows); None: its sequences
 
 
 def id_dtype(vocab_size: int) -> str:
@@ -34,6 +38,57 @@ def hidden_name(layer: int) -> str:
 
 def attention_name(layer: int, part: str | None = None) -> str:
     return f"attention/layer_{layer:03d}" + (f"_{part}" if part else "")
+
+
+def unit_signal_rows(m: Manifest, unit: int) -> int:
+    """How many of work unit `unit`'s sequences carry hidden states and attention (the last unit, if short,
+    in proportion, at least one)."""
+    a, b = unit_range(m, unit)
+    if not m.subsampled:
+        return b - a
+    return max(1, math.ceil((b - a) * m.signal_rows / m.layout.sequences_per_unit))
+
+
+def signal_row_range(m: Manifest, unit: int) -> tuple[int, int]:
+    """The rows [start, stop) of the signal arrays that work unit `unit` owns."""
+    if not m.subsampled:
+        return unit_range(m, unit)
+    start = unit * m.signal_rows
+    return start, start + unit_signal_rows(m, unit)
+
+
+def signal_selection(m: Manifest, unit: int) -> np.ndarray:
+    """The positions within work unit `unit` of the sequences that carry hidden states and attention: all, or
+    a seeded draw of unit_signal_rows of them (a function of (seed, unit): the same on every rank and resume)."""
+    a, b = unit_range(m, unit)
+    rows = unit_signal_rows(m, unit)
+    if rows == b - a:
+        return np.arange(b - a)
+    return np.sort(np.random.default_rng([m.signals.seed, unit, 5167]).choice(b - a, rows, replace=False))
+
+
+def signal_row_problem(m: Manifest, rows: np.ndarray) -> str | None:
+    """Why a stored `tokens/signal_row` cannot be this manifest's (each unit's sequences must map, in order, onto
+    exactly the unit's rows), or None. Checked without redrawing: the draw is numpy's, whose streams may change."""
+    if rows.shape != (m.data.num_sequences,):
+        return f"tokens/signal_row has shape {rows.shape}"
+    for unit in range(m.layout.num_units):
+        a, b = unit_range(m, unit)
+        start, stop = signal_row_range(m, unit)
+        mine = rows[a:b][rows[a:b] >= 0]
+        if not np.array_equal(mine, np.arange(start, stop)) or ((rows[a:b] < 0) & (rows[a:b] != -1)).any():
+            return f"tokens/signal_row of work unit {unit} is not its rows {start}..{stop - 1}"
+    return None
+
+
+def signal_row_index(m: Manifest) -> np.ndarray:
+    """`tokens/signal_row`: for every sequence, its row in the signal arrays, or -1."""
+    out = np.full(m.data.num_sequences, -1, np.int32)
+    for unit in range(m.layout.num_units):
+        a, _ = unit_range(m, unit)
+        start, stop = signal_row_range(m, unit)
+        out[a + signal_selection(m, unit)] = np.arange(start, stop)
+    return out
 
 
 def array_specs(m: Manifest) -> list[ArraySpec]:
@@ -69,18 +124,7 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
         if s.sampled_logprobs:
             # -log p in steps of 1/16 nat (uint8): see storage.codecs.quantize_logprobs
             specs.append(ArraySpec("sampled/logprobs", (n, t, draws), "uint8", "ids"))
-    for layer in s.hidden_layers:
-        if s.hidden_dtype == "bfloat16":
-            specs.append(ArraySpec(hidden_name(layer), (n, t, teacher.hidden_size), "uint16", "floats", "bfloat16"))
-        else:
-            specs.append(ArraySpec(hidden_name(layer), (n, t, teacher.hidden_size), "float16", "floats"))
-    for layer in s.attention_layers:
-        if s.attention_form == "probs":
-            specs.append(ArraySpec(attention_name(layer), (n, teacher.num_heads, t, t), s.attention_dtype, "attention"))
-        else:
-            # grouped-query teachers keep their K/V heads: repeating them on read is exact and saves space
-            for part, heads in (("q", teacher.num_heads), ("k", teacher.num_kv_heads), ("v", teacher.num_kv_heads)):
-                specs.append(ArraySpec(attention_name(layer, part), (n, heads, t, teacher.head_dim), "float16", "floats"))
+    specs += signal_specs(m)
     for name, file_name, size in tokenizer_arrays(m):
         specs.append(ArraySpec(name, (size,), "uint8", "bytes", per_sequence=False))
     if s.interchange_layers:
@@ -91,6 +135,49 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
             ArraySpec("interchange/topk_ids", (n, t, s.top_k), ids, "ids"),
             ArraySpec("interchange/topk_values", (n, t, s.top_k), "float16", "floats"),
         ]
+    return specs
+
+
+def signal_specs(m: Manifest) -> list[ArraySpec]:
+    """Hidden states and attention, with their codecs' arrays (storage.signal_codec). Subsampled, their rows are
+    the signal rows (`tokens/signal_row`), unit_rows of them per work unit."""
+    s, teacher, t, h = m.signals, m.teacher, m.data.seq_len, m.teacher.hidden_size
+    if not (s.hidden_layers or s.attention_layers):
+        return []
+    n = m.data.num_sequences
+    unit_rows = None
+    specs = []
+    if m.subsampled:
+        n = signal_row_range(m, m.layout.num_units - 1)[1]
+        unit_rows = m.signal_rows
+        specs.append(ArraySpec("tokens/signal_row", (m.data.num_sequences,), "int32", "raw"))
+    rows = dict(unit_rows=unit_rows)
+    for layer in s.hidden_layers:
+        name = hidden_name(layer)
+        if s.hidden_codec == "int8":
+            width = s.hidden_rank or h
+            specs += [ArraySpec(name, (n, t, width), "int8", "int8", **rows),
+                      ArraySpec(f"{name}_step", (n, t), "float16", "floats", **rows),
+                      ArraySpec(f"{name}_affine", (2, h), "float32", "bytes", per_sequence=False)]
+            if s.hidden_rank:
+                specs.append(ArraySpec(f"{name}_basis", (h, width), "float32", "bytes", per_sequence=False))
+        elif s.hidden_dtype == "bfloat16":
+            specs.append(ArraySpec(name, (n, t, h), "uint16", "floats", "bfloat16", **rows))
+        else:
+            specs.append(ArraySpec(name, (n, t, h), "float16", "floats", **rows))
+    for layer in s.attention_layers:
+        if s.attention_form == "probs":
+            specs.append(ArraySpec(attention_name(layer), (n, teacher.num_heads, t, t), s.attention_dtype, "attention",
+                                   **rows))
+            continue
+        # grouped-query teachers keep their K/V heads: repeating them on read is exact and saves space
+        for part, heads in (("q", teacher.num_heads), ("k", teacher.num_kv_heads), ("v", teacher.num_kv_heads)):
+            name = attention_name(layer, part)
+            if s.attention_codec == "int8":
+                specs += [ArraySpec(name, (n, heads, t, teacher.head_dim), "int8", "int8", **rows),
+                          ArraySpec(f"{name}_step", (n, heads, t), "float16", "floats", **rows)]
+            else:
+                specs.append(ArraySpec(name, (n, heads, t, teacher.head_dim), "float16", "floats", **rows))
     return specs
 
 

@@ -70,11 +70,13 @@ def _verify(path: str, repair: bool) -> Report:
             continue
         # token ids and tokenizer files are written when the store is created; everything else by its unit
         at_creation = spec.name.startswith("tokens/") or not spec.per_sequence
-        needed = [(a, b) for a, b, _ in objects(arr, 0, spec.shape[0]) if at_creation or ledger[a // per]]
+        rows = spec.unit_rows or per  # a subsampled cache's signal arrays: unit_rows rows a unit
+        needed = [(a, b) for a, b, _ in objects(arr, 0, spec.shape[0]) if at_creation or ledger[a // rows]]
         missing = set(missing_rows(arr, 0, spec.shape[0]))
         for start, stop in needed:
-            units = set(range(start // per, (stop - 1) // per + 1)) if spec.per_sequence else set(range(len(ledger)))
-            where = f"chunk of sequences {start}..{stop - 1}" if spec.per_sequence else "its chunk"
+            units = set(range(start // rows, (stop - 1) // rows + 1)) if spec.per_sequence else set(range(len(ledger)))
+            where = (f"chunk of signal rows {start}..{stop - 1} (work unit {start // rows})" if spec.unit_rows else
+                     f"chunk of sequences {start}..{stop - 1}" if spec.per_sequence else "its chunk")
             if (start, stop) in missing:
                 report.problems.append(f"{spec.name}: {where} is missing")
                 report.damaged_units.update(units)

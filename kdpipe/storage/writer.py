@@ -23,7 +23,9 @@ from kdpipe.errors import UserError
 from kdpipe.storage.codecs import compressors
 from kdpipe.storage.lock import LOCK_NAME
 from kdpipe.storage.manifest import Manifest
-from kdpipe.storage.schema import CACHE_ENTRIES, LEDGER, array_specs, ledger_spec, tokenizer_arrays
+from kdpipe.storage.codes import Codecs, write_codecs
+from kdpipe.storage.schema import (CACHE_ENTRIES, LEDGER, array_specs, ledger_spec, signal_row_index, signal_row_range,
+                                   tokenizer_arrays)
 
 # fault injection for the crash-safety tests: "UNIT:mid" (some arrays written, flag not set) or "UNIT:after"
 CRASH_ENV = "KDPIPE_TEST_CRASH"
@@ -140,10 +142,11 @@ def identity_difference(existing: Manifest, wanted: Manifest) -> list[str]:
 def prepare_store(path: str | Path, manifest: Manifest, tokens: np.ndarray, lengths: np.ndarray,
                   resume: bool = False, overwrite: bool = False,
                   tokenizer_files: dict[str, bytes] | None = None, loss_mask=None,
-                  id_table: np.ndarray | None = None) -> zarr.Group:
+                  codecs: Codecs | None = None) -> zarr.Group:
     """Create the store (or reopen it for `--resume`), with every array created and the token ids (and chat
-    data's loss mask), tokenizer files and compact top-k's rank table written. `tokens` and `loss_mask` are read by row ranges, a few
-    shards at a time: the corpus need not fit in memory. The caller holds the store's lock."""
+    data's loss mask), which sequences carry hidden states and attention, the tokenizer files and the codes
+    (storage.codes) written. `tokens` and `loss_mask` are read by row ranges, a few shards at a time: the
+    corpus need not fit in memory. The caller holds the store's lock."""
     path = Path(path)
     existing = None
     if overwrite:
@@ -170,11 +173,13 @@ def prepare_store(path: str | Path, manifest: Manifest, tokens: np.ndarray, leng
                 for start in range(0, n, step):
                     array[start:start + step] = rows[start:start + step]
         writable(group, "tokens/length")[:] = lengths
+        if manifest.subsampled:
+            writable(group, "tokens/signal_row")[:] = signal_row_index(manifest)
         if existing is None:  # a resumed store keeps the files it was made with (the tokenizer's hash matched)
             for name, file_name, _ in tokenizer_arrays(manifest):
                 writable(group, name)[:] = np.frombuffer((tokenizer_files or {})[file_name], dtype=np.uint8)
-            if manifest.compact_topk:  # a resumed store keeps its table: units already written use it
-                writable(group, "logits/id_table")[:] = id_table
+            if codecs is not None:  # a resumed store keeps its codes: units already written use them
+                write_codecs(group, manifest, codecs, writable)
     except OSError as exc:
         raise disk_error(exc, str(path)) or exc
     return group
@@ -192,10 +197,12 @@ def writable(group: zarr.Group, name: str) -> zarr.Array:
 
 
 def _create_arrays(group: zarr.Group, m: Manifest) -> None:
-    chunk, shard = m.layout.sequences_per_chunk, m.layout.sequences_per_unit
     for spec in array_specs(m):
         if spec.name in group:
             continue
+        # signal rows of a subsampled cache: one chunk a work unit; else chunks of sequences in unit shards
+        chunk, shard = (spec.unit_rows, spec.unit_rows) if spec.unit_rows else \
+            (m.layout.sequences_per_chunk, m.layout.sequences_per_unit)
         inner = (chunk,) + spec.shape[1:] if spec.per_sequence else spec.shape
         outer = (shard,) + spec.shape[1:]
         group.create_array(
@@ -231,8 +238,11 @@ class UnitWriter:
     writer thread is raised in the caller at the next `submit` or at `close`.
     """
 
-    def __init__(self, group: zarr.Group, path: str, depth: int = 2):
+    def __init__(self, group: zarr.Group, path: str, depth: int = 2, manifest: Manifest | None = None):
         self.group, self.path = group, path
+        # arrays whose rows are not the unit's sequences (signal rows): where each unit's rows start
+        self.manifest = manifest
+        self.signal_arrays = {spec.name for spec in array_specs(manifest) if spec.unit_rows} if manifest else set()
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kdpipe-writer", daemon=True)
@@ -257,7 +267,8 @@ class UnitWriter:
             unit, start, arrays = item
             try:
                 for i, (name, data) in enumerate(arrays.items()):
-                    writable(self.group, name)[start:start + len(data)] = data
+                    at = signal_row_range(self.manifest, unit)[0] if name in self.signal_arrays else start
+                    writable(self.group, name)[at:at + len(data)] = data
                     if i == 0:
                         _crash_point(unit, "mid")
                 writable(self.group, LEDGER)[unit] = 1  # last: the unit counts only once all its arrays are written

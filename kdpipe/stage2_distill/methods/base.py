@@ -41,6 +41,9 @@ class Batch:
     interchange: dict[str, torch.Tensor] = field(default_factory=dict)
     sequence_ids: torch.Tensor | None = None
     others: list["Batch"] = field(default_factory=list)  # the same rows from the 2nd, 3rd... --cache
+    # a subsampled cache (storage.schema.signal_selection): the rows [b] that carry hidden states and attention,
+    # which `hidden`, `factors` and `attention` then hold alone; None when every row does
+    signal_rows: torch.Tensor | None = None
 
     @property
     def targets(self) -> torch.Tensor:
@@ -59,6 +62,23 @@ class Batch:
     def teacher(self, i: int) -> "Batch":
         """Teacher i's signals for these rows (0: the first --cache)."""
         return self if i == 0 else self.others[i - 1]
+
+    def signal_view(self) -> "Batch":
+        """The rows that carry hidden states and attention, as a batch of their own (this batch when all do):
+        what an intermediate-layer method sees of a subsampled cache, so that its loss averages over them."""
+        return self if self.signal_rows is None else self._rows(self.signal_rows)
+
+    def _rows(self, rows: torch.Tensor) -> "Batch":
+        # hidden states and attention hold the signal rows alone already (or, from a cache that is not
+        # subsampled, every row: those are picked too)
+        layers = (lambda x: x) if self.signal_rows is not None else (lambda x: x[rows])  # noqa: E731
+        per_row = {k: (v[rows] if torch.is_tensor(v) else v) for k, v in self.__dict__.items()
+                   if k not in ("hidden", "factors", "attention", "interchange", "others", "signal_rows")}
+        return Batch(**per_row, hidden={k: layers(v) for k, v in self.hidden.items()},
+                     factors={k: tuple(layers(x) for x in v) for k, v in self.factors.items()},
+                     attention={k: layers(v) for k, v in self.attention.items()},
+                     interchange={k: v[rows] for k, v in self.interchange.items()},
+                     others=[o._rows(rows) for o in self.others])
 
     def to(self, device) -> "Batch":
         moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()
@@ -81,6 +101,17 @@ class StudentOutput:
     # run(input_ids, mask, edits, hidden_layers) -> (logits, hidden): another student forward with hidden
     # states edited (see capture.Capture), for methods that intervene (Theseus, DIITO)
     run: Callable[..., tuple[torch.Tensor, dict[int, torch.Tensor]]] | None = None
+
+    def rows(self, rows: torch.Tensor | None) -> "StudentOutput":
+        """These outputs for batch rows `rows` (all when None): see Batch.signal_view."""
+        if rows is None:
+            return self
+        b = self.logits.shape[0]
+        pick = lambda x: x[rows] if torch.is_tensor(x) and x.dim() and x.shape[0] == b else x  # noqa: E731
+        return StudentOutput(logits=self.logits[rows], hidden={k: v[rows] for k, v in self.hidden.items()},
+                             factors={k: tuple(x[rows] for x in v) for k, v in self.factors.items()},
+                             scaling=self.scaling, masks={k: pick(v) for k, v in self.masks.items()},
+                             softcaps=self.softcaps, run=self.run)
 
 
 @dataclass
@@ -190,6 +221,7 @@ class Method(nn.Module):
     # student's capacity from the output on the methods bench (tinybert+kd ppl 486 against kd's 383; 375 at
     # 0.1). Alone, the weight scales the whole loss, which Adam's normalization nearly undoes.
     default_weight: ClassVar[float] = 1.0
+    batch_rows: ClassVar[int] = 1  # the fewest rows its loss needs (contrastive: 2); see data.plan
 
     def __init__(self, params: dict[str, Any], ctx: Context):
         super().__init__()
@@ -203,6 +235,10 @@ class Method(nn.Module):
 
     def needs(self) -> Needs:
         return Needs()
+
+    def reads_layers(self, caches: int = 1) -> bool:
+        """Whether this method reads hidden states or attention of any of `caches` teachers."""
+        return any(n.hidden or n.factors or n.attention for n in map(self.teacher_needs, range(caches)))
 
     def teacher_needs(self, i: int) -> Needs:
         """What this method reads from the i-th --cache; single-teacher methods read the first only."""

@@ -38,6 +38,7 @@ def cos_nce(g: torch.Tensor) -> torch.Tensor:
 @register
 class LRCBERT(Method):
     name = "lrc_bert"
+    batch_rows = 2
     paper = "Fu et al. 2021"
     adapted = "no gradient-perturbation stage"
     default_weight = 0.1

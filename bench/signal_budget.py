@@ -1,0 +1,133 @@
+"""Intermediate-layer methods from caches at several `--signal-budget`s against the exact cache: how many bytes of
+hidden states and attention does a student need?
+
+    python bench/signal_budget.py --out DIR [--sequences 384] [--seq-len 64] [--steps 200] [--reductions 2,6,12,24,48]
+
+The real SmolLM2-135M-Instruct teacher over the shipped Sonnets (the methods bench's setup): one exact float16
+cache with what TinyBERT, MiniLMv2 and PKD read for a 2-layer student (hidden states of layers 0, 15, 30; Q/K/V
+factors of blocks 15 and 30), and one cache per reduction x at `--signal-budget` = exact bytes / x. The same
+student (`teacher:layers=2,hidden=128`), seed, steps and held-out units train with tinybert+kd, minilmv2+kd and
+pkd+kd from each; the exact cache also with seed 1, for the spread that the data order alone makes. Printed and
+written to DIR: held-out KL and perplexity per run (signal_budget.json, .md) and KL against stored bytes of
+hidden states and attention per token (signal_budget.png). Each run is kept: the bench resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from kdpipe.pipeline.demo import DEMO_CORPUS, smollm2_gguf
+from kdpipe.pipeline.report import cache_summary, describe_signals
+from kdpipe.stage1_extract.extractor import ExtractConfig, extract
+from kdpipe.stage1_extract.teacher import load_teacher, load_tokenizer, resolve_teacher
+from kdpipe.stage2_distill.trainer import DistillConfig, distill
+from kdpipe.storage import budget
+
+STUDENT = "teacher:layers=2,hidden=128"
+METHODS = ("tinybert", "minilmv2", "pkd")
+SIGNALS = dict(hidden_layers="0,15,30", attention_layers="15,30", attention_form="factors")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sequences", type=int, default=384)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--reductions", default="2,6,12,24,48")
+    args = ap.parse_args()
+    work = Path(args.out)
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+    path = smollm2_gguf()
+    source = resolve_teacher(str(path))
+    model, tokenizer = load_teacher(source), load_tokenizer(None, source)
+    c = model.config
+    shapes = budget.Shapes(c.hidden_size, 3, 2, c.num_attention_heads, c.num_key_value_heads,
+                           c.hidden_size // c.num_attention_heads, args.seq_len, "factors", 32)
+    exact_bytes = sum(budget.bytes_per_token(budget.Settings(), shapes).values())
+    common = dict(teacher=str(path), data=[str(DEMO_CORPUS)], seq_len=args.seq_len, batch_size=8, top_k=64,
+                  max_sequences=args.sequences, sequences_per_unit=32, quiet=True, **SIGNALS)
+    caches = {"exact": None} | {f"1/{x}": exact_bytes / float(x) for x in args.reductions.split(",")}
+    info = {}
+    for name, signal_budget in caches.items():
+        out = work / ("exact" if signal_budget is None else f"budget-{name.split('/')[1]}x")
+        if not (out / "zarr.json").exists():
+            start = time.perf_counter()
+            extract(ExtractConfig(out=str(out), signal_budget=signal_budget, **common), model, tokenizer)
+            print(f"extracted {name} in {time.perf_counter() - start:.0f} s", flush=True)
+        summary = cache_summary(str(out))
+        info[name] = {"path": str(out), "budget": signal_budget, "stored": summary["signal_bytes_per_token"],
+                      "raw": signal_budget or exact_bytes,
+                      "settings": describe_signals(summary["manifest"]["signals"]).split("hidden layers: ")[1]}
+    del model
+
+    results = {}
+    for name, cache in info.items():
+        for method in METHODS:
+            for seed in (0, 1) if name == "exact" else (0,):
+                label = f"{method}+kd @ {name}" + (f" seed {seed}" if seed else "")
+                file = work / "runs" / (label.replace(" ", "_").replace("/", "-").replace("@", "at") + ".json")
+                if not file.exists():
+                    start = time.perf_counter()
+                    result = distill(DistillConfig(
+                        cache=[cache["path"]], student=STUDENT, out=str(file.with_suffix("")), method=[method, "kd"],
+                        steps=args.steps, batch_size=8, lr=1e-3, warmup=0.1, eval_sequences=32, seed=seed,
+                        overwrite=True, quiet=True))
+                    file.write_text(json.dumps({**result.final, "s_per_step": (time.perf_counter() - start) / args.steps}))
+                results[label] = {**json.loads(file.read_text()), "method": method, "cache": name, "seed": seed,
+                                  "stored": cache["stored"], "raw": cache["raw"]}
+                print(label, f"KL {results[label]['eval/kl_teacher']:.4f} ppl {results[label]['eval/ppl']:.1f}",
+                      flush=True)
+    (work / "signal_budget.json").write_text(json.dumps({"caches": info, "runs": results}, indent=1))
+    table = markdown(info, results)
+    (work / "signal_budget.md").write_text(table)
+    print(table)
+    plot(info, results, work / "signal_budget.png")
+
+
+def markdown(info: dict, results: dict) -> str:
+    lines = ["| cache | settings | hidden + attention B/token, raw / stored | " +
+             " | ".join(f"{m}+kd KL (vs exact)" for m in METHODS) + " |", "|---|---|---|" + "---|" * len(METHODS)]
+    for name, cache in info.items():
+        cells = []
+        for m in METHODS:
+            r, ref = results[f"{m}+kd @ {name}"], results[f"{m}+kd @ exact"]
+            cells.append(f"{r['eval/kl_teacher']:.4f} ({100 * (r['eval/kl_teacher'] / ref['eval/kl_teacher'] - 1):+.2f}%)")
+        lines.append(f"| {name} | {cache['settings']} | {cache['raw']:,.0f} / {cache['stored']:,.0f} | "
+                     + " | ".join(cells) + " |")
+    cells = []
+    for m in METHODS:
+        r, ref = results[f"{m}+kd @ exact seed 1"], results[f"{m}+kd @ exact"]
+        cells.append(f"{r['eval/kl_teacher']:.4f} ({100 * (r['eval/kl_teacher'] / ref['eval/kl_teacher'] - 1):+.2f}%)")
+    lines.append("| exact, seed 1 | the spread of another data order and initialization | | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(info: dict, results: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method, color in zip(METHODS, ("#4c72b0", "#dd8452", "#55a868")):
+        names = [n for n in info if n != "exact"]
+        xs = [info[n]["stored"] for n in names]
+        ys = [results[f"{method}+kd @ {n}"]["eval/kl_teacher"] for n in names]
+        ax.plot(xs, ys, "o-", color=color, label=f"{method}+kd, --signal-budget")
+        ax.plot([info["exact"]["stored"]], [results[f"{method}+kd @ exact"]["eval/kl_teacher"]], "*", color=color,
+                markersize=13, label=f"{method}+kd, exact float16")
+    ax.set_xscale("log")
+    ax.set_xlabel("stored bytes per token of hidden states + attention (log scale)")
+    ax.set_ylabel("held-out KL(teacher || student)")
+    ax.set_title("SmolLM2-135M teacher, 2-layer student, 200 steps: KL against intermediate-signal bytes")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
