@@ -56,8 +56,8 @@ class Settings:
             parts.append(f"hidden {self.hidden_codec}{width}")
         if shapes.attention_layers:
             parts.append(f"attention {self.attention_codec if shapes.attention_form == 'factors' else self.attention_dtype}")
-        rows = self.signal_sequences or shapes.sequences_per_unit
-        parts.append(f"{rows} of every {shapes.sequences_per_unit} sequences")
+        parts.append(f"{self.signal_sequences} of every {shapes.sequences_per_unit} sequences" if self.signal_sequences
+                     else "every sequence")
         return ", ".join(parts)
 
 

@@ -105,9 +105,9 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
         specs += [ArraySpec("logits/topk_ids", (n, t, s.top_k), ids, "ranks"),
                   ArraySpec("logits/topk_values", (n, t, s.top_k), "uint8", "levels"),
                   ArraySpec("logits/id_table", (teacher.vocab_size,), ids, "ids", per_sequence=False),
-                  ArraySpec("logits/logsumexp", (n, t, 1), "float32", "floats"),
-                  *([ArraySpec("logits/lognorm", (n, t, temps - 1), "float16", "floats")] if temps > 1 else []),
-                  ArraySpec("logits/logtail", (n, t, temps), "float16", "floats")]
+                  ArraySpec("logits/logsumexp", (n, t, 1), "float32", "normalizers"),
+                  *([ArraySpec("logits/lognorm", (n, t, temps - 1), "float16", "normalizers")] if temps > 1 else []),
+                  ArraySpec("logits/logtail", (n, t, temps), "float16", "normalizers")]
     else:
         if s.top_k:  # --top-k 0: an importance-sampled cache, the draws alone
             specs += [ArraySpec("logits/topk_ids", (n, t, s.top_k), ids, "ids"),
