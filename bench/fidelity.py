@@ -67,8 +67,9 @@ def logit_bytes(cache: TeacherCache, run: str) -> float:
              "sampled": ("sampled/", "logits/logsumexp")}.get(run)
     if names is None:
         return float("nan")
-    total = sum(f.stat().st_size for f in cache.path.rglob("*") if f.is_file()
-                and any(str(f.relative_to(cache.path)).startswith(n) for n in names))
+    root = Path(cache.path)
+    total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()
+                and any(str(f.relative_to(root)).startswith(n) for n in names))
     return total / cache.manifest.data.num_tokens
 
 

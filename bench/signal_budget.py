@@ -2,12 +2,14 @@
 hidden states and attention does a student need?
 
     python bench/signal_budget.py --out DIR [--sequences 384] [--seq-len 64] [--steps 200] [--reductions 2,6,12,24,48]
+        [--ablate 24]
 
 The real SmolLM2-135M-Instruct teacher over the shipped Sonnets (the methods bench's setup): one exact float16
 cache with what TinyBERT, MiniLMv2 and PKD read for a 2-layer student (hidden states of layers 0, 15, 30; Q/K/V
 factors of blocks 15 and 30), and one cache per reduction x at `--signal-budget` = exact bytes / x. The same
 student (`teacher:layers=2,hidden=128`), seed, steps and held-out units train with tinybert+kd, minilmv2+kd and
-pkd+kd from each; the exact cache also with seed 1, for the spread that the data order alone makes. Printed and
+pkd+kd from each; the exact cache also with seed 1, for the spread that the data order alone makes; and, at
+the `--ablate` reduction, the ladder's order reversed (every channel in int8, fewer sequences), at the same bytes. Printed and
 written to DIR: held-out KL and perplexity per run (signal_budget.json, .md) and KL against stored bytes of
 hidden states and attention per token (signal_budget.png). Each run is kept: the bench resumes.
 """
@@ -38,6 +40,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--reductions", default="2,6,12,24,48")
+    ap.add_argument("--ablate", default="24", help="the reduction also stored at every channel, fewer sequences ('' for none)")
     args = ap.parse_args()
     work = Path(args.out)
     (work / "runs").mkdir(parents=True, exist_ok=True)
@@ -50,18 +53,27 @@ def main() -> None:
     exact_bytes = sum(budget.bytes_per_token(budget.Settings(), shapes).values())
     common = dict(teacher=str(path), data=[str(DEMO_CORPUS)], seq_len=args.seq_len, batch_size=8, top_k=64,
                   max_sequences=args.sequences, sequences_per_unit=32, quiet=True, **SIGNALS)
-    caches = {"exact": None} | {f"1/{x}": exact_bytes / float(x) for x in args.reductions.split(",")}
+    caches = {"exact": {}} | {f"1/{x}": dict(signal_budget=exact_bytes / float(x)) for x in args.reductions.split(",")}
+    # the ladder keeps a quarter of the width before it drops sequences; the other way round at the same bytes:
+    # every channel (int8) for fewer sequences
+    if args.ablate:
+        full = budget.Settings("int8", 0, "int8")
+        rows = int(exact_bytes / float(args.ablate) // (sum(budget.bytes_per_token(full, shapes).values()) / 32))
+        caches[f"1/{args.ablate} every channel"] = dict(hidden_codec="int8", attention_codec="int8",
+                                                        signal_fraction=rows / 32)
     info = {}
-    for name, signal_budget in caches.items():
-        out = work / ("exact" if signal_budget is None else f"budget-{name.split('/')[1]}x")
+    for name, flags in caches.items():
+        out = work / name.replace("1/", "budget-").replace(" every channel", "-full-width")
         if not (out / "zarr.json").exists():
             start = time.perf_counter()
-            extract(ExtractConfig(out=str(out), signal_budget=signal_budget, **common), model, tokenizer)
+            extract(ExtractConfig(out=str(out), **flags, **common), model, tokenizer)
             print(f"extracted {name} in {time.perf_counter() - start:.0f} s", flush=True)
         summary = cache_summary(str(out))
-        info[name] = {"path": str(out), "budget": signal_budget, "stored": summary["signal_bytes_per_token"],
-                      "raw": signal_budget or exact_bytes,
-                      "settings": describe_signals(summary["manifest"]["signals"]).split("hidden layers: ")[1]}
+        m = summary["manifest"]["signals"]
+        raw = budget.Settings(m["hidden_codec"], m["hidden_rank"], m["attention_codec"], "float16", m["signal_sequences"])
+        info[name] = {"path": str(out), "budget": flags.get("signal_budget"), "stored": summary["signal_bytes_per_token"],
+                      "raw": sum(budget.bytes_per_token(raw, shapes).values()),
+                      "settings": describe_signals(m).split("hidden layers: ")[1]}
     del model
 
     results = {}
@@ -114,7 +126,7 @@ def plot(info: dict, results: dict, png: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method, color in zip(METHODS, ("#4c72b0", "#dd8452", "#55a868")):
-        names = [n for n in info if n != "exact"]
+        names = [n for n in info if n != "exact" and "every channel" not in n]
         xs = [info[n]["stored"] for n in names]
         ys = [results[f"{method}+kd @ {n}"]["eval/kl_teacher"] for n in names]
         ax.plot(xs, ys, "o-", color=color, label=f"{method}+kd, --signal-budget")
