@@ -22,10 +22,13 @@ def _floats(text: str) -> list[float]:
 
 def _fail(ctx: click.Context, message: str) -> None:
     """One line, exit code 2. zarr's I/O tasks that were cut short by the same failure would otherwise
-    report their own copies of it through asyncio's logger as the process exits."""
+    report their own copies of it through asyncio's logger as the process exits, and the ones that never
+    started warn that their coroutine was never awaited."""
     import logging
+    import warnings
 
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     click.echo(f"kdpipe: error: {message}", err=True)
     ctx.exit(2)
 
