@@ -212,12 +212,14 @@ def _run(cfg: ExtractConfig, ranks: Ranks, model, tokenizer, manifest: Manifest,
     # ZeRO-3 keeps their forwards in step; rank 0 fits and stores the codes, and those batches become its
     # unit 0's first ones. A resumed store keeps the codes it was written with.
     fresh = ranks.share(cfg.overwrite or read_manifest(cfg.out) is None if ranks.rank == 0 else None)
+    calibrating = time.perf_counter()  # its forwards and fit count in the extraction's time; creating the store not
     count = calibration_sequences(manifest) if fresh else 0
     s0, s1 = unit_range(manifest, 0)
     held = runner.calibration_batches(tokens[s0:s1], lengths[s0:s1], range(s0, s1), count) if count else []
     calibration = calibrate(manifest, held, tokens, lengths, runner.device) if held and ranks.rank == 0 else None
     if calibration is not None:
         s.hidden_error, s.attention_error = calibration.hidden_error, calibration.attention_error
+    calibration_seconds = time.perf_counter() - calibrating
 
     # rank 0 creates (or reopens) the store; the others open it once it exists, and all fail together
     group = ranks.first(lambda: prepare_store(cfg.out, manifest, tokens, lengths, cfg.resume, cfg.overwrite,
@@ -237,7 +239,7 @@ def _run(cfg: ExtractConfig, ranks: Ranks, model, tokenizer, manifest: Manifest,
     forwards = [passes * b + (len(held) if r != 0 else 0) for r, b in enumerate(batches)]
     total_tokens = sum(int(lengths[slice(*unit_range(manifest, u))].sum()) for u in mine)
     written_seqs = written_tokens = 0
-    start = time.perf_counter()
+    start = time.perf_counter() - calibration_seconds
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"extract{ranks.label}",
                disable=cfg.quiet, dynamic_ncols=True, position=ranks.rank)
     try:
