@@ -145,6 +145,7 @@ def plot(info: dict, results: dict, png: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method, color in zip(METHODS, ("#4c72b0", "#dd8452", "#55a868")):
@@ -155,9 +156,11 @@ def plot(info: dict, results: dict, png: Path) -> None:
         ax.plot([info["exact"]["stored"]], [results[f"{method}+kd @ exact"]["eval/kl_teacher"]], "*", color=color,
                 markersize=13, label=f"{method}+kd, exact float16")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the minor ticks' labels overlap
+    ax.set_xticks([150, 300, 1000, 3000, 7000], ["150", "300", "1,000", "3,000", "7,000"])
     ax.set_xlabel("stored bytes per token of hidden states + attention (log scale)")
     ax.set_ylabel("held-out KL(teacher || student)")
-    ax.set_title("SmolLM2-135M teacher, 2-layer student, 200 steps: KL against intermediate-signal bytes")
+    ax.set_title("SmolLM2-135M teacher, 2-layer student: KL against intermediate-signal bytes", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
