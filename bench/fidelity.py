@@ -11,7 +11,9 @@ learning-rate schedule and batches; only the KD target differs:
   exact       exact (k+1)-bucket KL from a float16 top-64 cache (`--logit-codec float16`);
   compact     the same loss from the default compact top-64 cache (ranked ids, 8-bit log-probabilities);
   sampled     importance-sampled KD from m=12 draws per position (`--top-k 0 --sample-count 12`'s arrays);
-  renorm      the renormalized top-64 KL most tools use (the biased baseline).
+  renorm      the renormalized top-64 KL most tools use (the biased baseline);
+  hybrid      an experiment: the exact top-64 for the head, the m=12 draws that land outside it for the tail
+              (an unbiased estimate of the full cross-entropy with no variance on the head; both arrays).
 Held-out: perplexity, KL(teacher || student) against the teacher's full logits, and the expected calibration
 error of the student's next-token probabilities (15 equal-width bins of top-1 confidence). Each run's result is
 saved under WORK/results, so an interrupted bench resumes; `--runs` picks runs. Bytes per token are each
@@ -42,8 +44,9 @@ from kdpipe.stage2_distill.trainer import DistillConfig, lr_lambda
 from kdpipe.storage.reader import TeacherCache
 
 STUDENT = "teacher:layers=2,hidden=128"
-RUNS = ("online", "exact", "compact", "sampled", "renorm")
-CACHE_OF = {"online": "exact", "exact": "exact", "compact": "compact", "sampled": "exact", "renorm": "exact"}
+RUNS = ("online", "exact", "compact", "sampled", "renorm", "hybrid")
+CACHE_OF = {"online": "exact", "exact": "exact", "compact": "compact", "sampled": "exact", "renorm": "exact",
+            "hybrid": "exact"}
 
 
 def full_kl(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
@@ -64,7 +67,7 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
 
 def logit_bytes(cache: TeacherCache, run: str) -> float:
     names = {"exact": ("logits/",), "compact": ("logits/",), "renorm": ("logits/",),
-             "sampled": ("sampled/", "logits/logsumexp")}.get(run)
+             "sampled": ("sampled/", "logits/logsumexp"), "hybrid": ("logits/", "sampled/")}.get(run)
     if names is None:
         return float("nan")
     root = Path(cache.path)
@@ -111,7 +114,7 @@ def main() -> None:
             continue
         cache = caches[CACHE_OF[run]]
         split = Split.choose(cache, args.eval_sequences, seed=0)
-        needs = Needs(topk=run != "sampled", sampled=run == "sampled")
+        needs = Needs(topk=run != "sampled", sampled=run in ("sampled", "hybrid"))
         start = time.perf_counter()
         student = train(run, cache, needs, split, teacher, args)
         train_s = time.perf_counter() - start
@@ -139,6 +142,8 @@ def train(run: str, cache: TeacherCache, needs: Needs, split: Split, teacher, ar
             loss = full_kl(t_logits.clone(), logits)
         elif run == "sampled":
             loss = sampled_cross_entropy(logits, b.sampled_ids, b.sampled_counts)
+        elif run == "hybrid":
+            loss = topk_and_tail_draws(logits, b.topk_ids, b.topk_logprobs, b.sampled_ids, b.sampled_counts)
         elif run == "renorm":
             loss = renormalized_topk_kl(logits, b.topk_ids, b.topk_logprobs)
         else:
@@ -150,6 +155,17 @@ def train(run: str, cache: TeacherCache, needs: Needs, split: Split, teacher, ar
         opt.zero_grad(set_to_none=True)
     batches.close()
     return student.eval()
+
+
+def topk_and_tail_draws(logits, topk_ids, topk_logprobs, ids, counts) -> torch.Tensor:
+    """-sum_i p_i log q_i over the top-k, plus (1/m) sum over the draws outside the top-k of -log q: the full
+    cross-entropy in expectation over the draws (each draw stands for 1/m of the mass it was drawn from)."""
+    logq = F.log_softmax(logits.float(), -1)
+    head = -(topk_logprobs.float().exp() * logq.gather(-1, topk_ids)).sum(-1)
+    counts = counts.float()
+    outside = ~(ids.unsqueeze(-1) == topk_ids.unsqueeze(-2)).any(-1)
+    weights = counts * outside / counts.sum(-1, keepdim=True).clamp_min(1)
+    return (head - (weights * logq.gather(-1, ids)).sum(-1)).mean()
 
 
 @torch.no_grad()
