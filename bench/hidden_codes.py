@@ -34,18 +34,17 @@ def main() -> None:
     with torch.inference_mode():
         states = model(input_ids=torch.tensor(ids).view(n, t), output_hidden_states=True).hidden_states
     width = model.config.hidden_size
+    ranks = (0, width // 2, width // 4, width // 8, width // 16)  # 0: every channel
     print(f"SmolLM2-135M, {args.calibration} x {t} calibration tokens, {args.held_out} x {t} held out; relative "
           f"squared error on the held-out tokens, channel-scaled")
     print(f"{'layer':>5} {'max |h|':>9} {'per raw vector':>15} " + " ".join(
-        f"{'rank ' + str(r or width):>10}" for r in (0, width // 2, width // 4, width // 8, width // 16)))
+        f"{'rank ' + str(r or width):>10}" for r in ranks))
     for layer in (0, 15, 30):
         h = states[layer].reshape(-1, width)
         calib, held = h[: args.calibration * t], h[args.calibration * t:]
-        cells = []
-        for rank in (0, width // 2, width // 4, width // 8, width // 16):
-            code, _ = HiddenCodec.fit(calib, rank)
-            cells.append(f"{code.relative_error(held):10.4f}")
-        code, _ = HiddenCodec.fit(calib)
+        codes = {rank: HiddenCodec.fit(calib, rank)[0] for rank in ranks}
+        cells = [f"{codes[rank].relative_error(held):10.4f}" for rank in ranks]
+        code = codes[0]
         y = (held - code.center) / code.scale
         naive = (dequantize(*quantize(held)) - code.center) / code.scale
         raw = float((naive - y).pow(2).sum() / y.pow(2).sum())

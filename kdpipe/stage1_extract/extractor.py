@@ -239,7 +239,7 @@ def _run(cfg: ExtractConfig, ranks: Ranks, model, tokenizer, manifest: Manifest,
     forwards = [passes * b + (len(held) if r != 0 else 0) for r, b in enumerate(batches)]
     total_tokens = sum(int(lengths[slice(*unit_range(manifest, u))].sum()) for u in mine)
     written_seqs = written_tokens = 0
-    start = time.perf_counter() - calibration_seconds
+    start = time.perf_counter()
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"extract{ranks.label}",
                disable=cfg.quiet, dynamic_ncols=True, position=ranks.rank)
     try:
@@ -255,7 +255,7 @@ def _run(cfg: ExtractConfig, ranks: Ranks, model, tokenizer, manifest: Manifest,
     finally:
         bar.close()
         writer.close()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start + calibration_seconds
     ranks.barrier()
     complete = finalize(group) if ranks.rank == 0 else False
     manifest.complete = ranks.share(complete)

@@ -16,8 +16,8 @@ PRESETS = {
     # student run, so zstd's slower level 9 (5-8% smaller than 3 here) is worth it
     "ranks": dict(cname="zstd", clevel=9, shuffle=BloscShuffle.shuffle),
     "levels": dict(cname="zstd", clevel=9, shuffle=BloscShuffle.noshuffle),
-    # ... and its normalizers (T=1 logsumexp, float16 log-norms and tails): byte shuffle at level 9 stores them in
-    # 8.3 B/token where the float preset takes 10.7 (SmolLM2 over Paradise Lost, bench/RESULTS.md)
+    # ... and its normalizers (T=1 logsumexp, float16 log-norms and tails): byte shuffle at level 9 stores them
+    # smaller than the float preset (SmolLM2 over Paradise Lost: figures in bench/RESULTS.md, "Compact top-k")
     "normalizers": dict(cname="zstd", clevel=9, shuffle=BloscShuffle.shuffle),
     # int8 hidden states and attention factors (storage.signal_codec): two's complement small values share
     # their high bits, which bit shuffle lines up
