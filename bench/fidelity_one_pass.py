@@ -139,10 +139,15 @@ def main() -> None:
         results["runs"][run] = {"ppl": ppl, "kl": kl, "ece": ece}
         print(f"  {run}: ppl {ppl:.2f}, KL {kl:.4f}, ECE {ece:.4f}", flush=True)
     out = work / "one_pass.json"
-    if out.exists():  # an earlier run's students (other --runs) stay: same batches, same seed
-        old = json.loads(out.read_text())
+    settings = ("steps", "batch_size", "seq_len", "lr", "sample_count", "held_out_sequences", "files")
+    old = json.loads(out.read_text()) if out.exists() else None
+    if old and any(old.get(k) != results[k] for k in settings):  # other settings: never mixed, never overwritten
+        out = work / f"one_pass-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    elif old:  # an earlier run's students (other --runs) stay: same batches, same seed
         results["runs"] = {**old["runs"], **results["runs"]}
         results["seconds"] = {**old["seconds"], **results["seconds"]}
+        # the teacher ran once per invocation: keep each one's seconds
+        results["teacher_seconds"] = old.get("teacher_seconds", [old["seconds"]["teacher"]]) + [seconds["teacher"]]
     out.write_text(json.dumps(results, indent=1))
     report(results)
 
