@@ -130,11 +130,25 @@ def main() -> None:
     report(work, args)
 
 
-def train(run: str, cache: TeacherCache, needs: Needs, split: Split, teacher, args):
-    student = build_student(STUDENT, cache.manifest.teacher, seed=0).model.train()
+def new_student(teacher_info, args):
+    """The bench's student, optimizer and schedule: the same initialization and schedule for every run."""
+    student = build_student(STUDENT, teacher_info, seed=0).model.train()
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(DistillConfig(cache=[], student="", out="",
                                                                            steps=args.steps, warmup=0.1)))
+    return student, opt, sched
+
+
+def optimizer_step(loss: torch.Tensor, student, opt, sched) -> None:
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def train(run: str, cache: TeacherCache, needs: Needs, split: Split, teacher, args):
+    student, opt, sched = new_student(cache.manifest.teacher, args)
     batches = TrainBatches(cache, needs, split.train_units, args.batch_size, seed=0)
     for _ in range(args.steps):
         b = next(batches)
@@ -154,11 +168,7 @@ def train(run: str, cache: TeacherCache, needs: Needs, split: Split, teacher, ar
             loss = renormalized_topk_kl(logits, b.topk_ids, b.topk_logprobs)
         else:
             loss = bucket_kl(logits, b.topk_ids, b.topk_logprobs, t_logtail=b.logtail[..., 0])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(loss, student, opt, sched)
     batches.close()
     return student.eval()
 
@@ -174,21 +184,27 @@ def topk_and_tail_draws(logits, topk_ids, topk_logprobs, ids, counts) -> torch.T
     return (head - (weights * logq.gather(-1, ids)).sum(-1)).mean()
 
 
-@torch.no_grad()
 def evaluate(student, cache: TeacherCache, split: Split, teacher, batch_size: int) -> tuple[float, float, float]:
+    batches = (b.input_ids for b in eval_batches(cache, Needs(), split.eval_units, batch_size))
+    return held_out_metrics(student, teacher, batches)
+
+
+@torch.no_grad()
+def held_out_metrics(student, teacher, batches) -> tuple[float, float, float]:
+    """Perplexity on the data, full-vocabulary KL(teacher || student) and ECE over batches of input ids."""
     ce = kl = 0.0
     n = 0
     confidence, correct = [], []
-    for b in eval_batches(cache, Needs(), split.eval_units, batch_size):
-        s_logits = student(input_ids=b.input_ids, use_cache=False).logits.float()
-        t_logits = teacher(input_ids=b.input_ids, use_cache=False).logits.float()
-        tokens = b.input_ids.shape[0] * b.input_ids.shape[1]
-        ce += F.cross_entropy(s_logits[:, :-1].flatten(0, 1), b.input_ids[:, 1:].flatten()).item() * tokens
+    for input_ids in batches:
+        s_logits = student(input_ids=input_ids, use_cache=False).logits.float()
+        t_logits = teacher(input_ids=input_ids, use_cache=False).logits.float()
+        tokens = input_ids.numel()
+        ce += F.cross_entropy(s_logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten()).item() * tokens
         kl += full_kl(t_logits, s_logits).item() * tokens
         n += tokens
         prob = s_logits[:, :-1].softmax(-1).max(-1)
         confidence.append(prob.values.flatten())
-        correct.append((prob.indices == b.input_ids[:, 1:]).flatten())
+        correct.append((prob.indices == input_ids[:, 1:]).flatten())
     return math.exp(ce / n), kl / n, expected_calibration_error(torch.cat(confidence), torch.cat(correct))
 
 

