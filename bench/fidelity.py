@@ -139,12 +139,14 @@ def new_student(teacher_info, args):
     return student, opt, sched
 
 
-def optimizer_step(loss: torch.Tensor, student, opt, sched) -> None:
+def optimizer_step(loss: torch.Tensor, student, opt, sched, clip: float = 1.0) -> float:
+    """One step; returns the gradient norm before clipping (clip 0: none, the norm is still measured)."""
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    norm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip if clip > 0 else float("inf"))
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
+    return float(norm)
 
 
 def train(run: str, cache: TeacherCache, needs: Needs, split: Split, teacher, args):

@@ -15,7 +15,9 @@ from that batch side by side, so the online reference costs one teacher pass, no
   sampled     m=12 draws, count frequencies (`kd:estimator=sampled`);
   sampled_ht  the same draws, Horvitz-Thompson weights p_i / P(i drawn) (losses.inclusion_weights; bench only);
   hybrid      the exact top-64 for the head, the draws that land outside it for the tail (bench only);
-  hybrid8     the same with the top-8 as the head.
+  hybrid8     the same with the top-8 as the head;
+  systematic  m=12 systematic draws (`--sampler systematic`), count frequencies;
+  RUN-noclip  any run above without the gradient-norm clipping at 1.0 that the others share.
 The cached signals are what `kdpipe extract --top-k 64 --sample-count 12` stores: computed by its own
 `LogitSignals` from the teacher's logits, the draws seeded per sequence as extraction seeds them, the drawn ids'
 log-probabilities rounded through the cache's uint8 code (ids and counts are stored exactly). Held-out
@@ -26,6 +28,7 @@ WORK/one_pass.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -47,16 +50,19 @@ from kdpipe.stage2_distill.losses import (bucket_kl, inclusion_weights, sampled_
                                           sampled_inclusion_cross_entropy)
 from kdpipe.storage.codecs import dequantize_logprobs, quantize_logprobs  # noqa: E402
 
-RUNS = ("online", "bucket", "sampled", "sampled_ht", "hybrid", "hybrid8")
+RUNS = ("online", "bucket", "sampled", "sampled_ht", "hybrid", "hybrid8", "systematic")
 
 
-def loss_of(run: str, logits, t_logits, sig: LogitSignals, t_logp) -> torch.Tensor:
+def loss_of(run: str, logits, t_logits, sig: LogitSignals, t_logp, sys_sig: LogitSignals | None) -> torch.Tensor:
+    run = run.removesuffix("-noclip")
     if run == "online":
         return full_kl(t_logits, logits)
     if run == "bucket":
         return bucket_kl(logits, sig.topk_ids, sig.topk_values, t_logtail=sig.logtail[..., 0])
     if run == "sampled":
         return sampled_cross_entropy(logits, sig.sampled_ids, sig.sampled_counts)
+    if run == "systematic":
+        return sampled_cross_entropy(logits, sys_sig.sampled_ids, sys_sig.sampled_counts)
     if run in ("hybrid", "hybrid8"):
         k = 8 if run == "hybrid8" else 64  # torch.topk's order: the first k are the top-k
         return topk_and_tail_draws(logits, sig.topk_ids[..., :k], sig.topk_values[..., :k], sig.sampled_ids,
@@ -79,6 +85,9 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     runs = [r for r in args.runs.split(",") if r]
+    unknown = [r for r in runs if r.removesuffix("-noclip") not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown runs {unknown}: choose from {RUNS}, each optionally with -noclip")
 
     path = str(smollm2_gguf())
     source = resolve_teacher(path)
@@ -99,7 +108,10 @@ def main() -> None:
     trained = {run: new_student(info, args) for run in runs}  # (student, optimizer, schedule)
     spec = LogitSpec(top_k=64, temperatures=[1.0], vocab_size=info.vocab_size, sample_count=args.sample_count,
                      seed=0)
+    sys_spec = dataclasses.replace(spec, top_k=1, sampler="systematic")
+    systematic = any(r.removesuffix("-noclip") == "systematic" for r in runs)
     seconds = {r: 0.0 for r in ["teacher", *runs]}
+    norms = {r: [] for r in runs}  # gradient norms before clipping
     for step in range(args.steps):
         index = train_rows[step * args.batch_size:(step + 1) * args.batch_size]
         input_ids = torch.from_numpy(rows[index.numpy()]).long()
@@ -109,12 +121,16 @@ def main() -> None:
             sig = LogitSignals(spec)
             sig.compute(t_logits.clone(), lambda h: h, index.tolist())
             t_logp = torch.from_numpy(dequantize_logprobs(quantize_logprobs(sig.sampled_logprobs.numpy())))
+            sys_sig = LogitSignals(sys_spec) if systematic else None
+            if sys_sig is not None:
+                sys_sig.compute(t_logits.clone(), lambda h: h, index.tolist())
         seconds["teacher"] += time.perf_counter() - start
         for run in runs:
             start = time.perf_counter()
             student = trained[run][0]
             logits = student(input_ids=input_ids, use_cache=False).logits
-            optimizer_step(loss_of(run, logits, t_logits, sig, t_logp), *trained[run])
+            loss = loss_of(run, logits, t_logits, sig, t_logp, sys_sig)
+            norms[run].append(optimizer_step(loss, *trained[run], clip=0.0 if run.endswith("-noclip") else 1.0))
             seconds[run] += time.perf_counter() - start
         if step % 50 == 0:
             print(f"step {step}: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), flush=True)
@@ -125,7 +141,9 @@ def main() -> None:
     eval_ids = torch.from_numpy(rows[held_out.numpy()]).long()
     for run in runs:
         ppl, kl, ece = held_out_metrics(trained[run][0].eval(), teacher, eval_ids.split(args.batch_size))
-        results["runs"][run] = {"ppl": ppl, "kl": kl, "ece": ece}
+        g = np.asarray(norms[run])
+        results["runs"][run] = {"ppl": ppl, "kl": kl, "ece": ece, "grad_norm_median": float(np.median(g)),
+                                "clipped": float((g > 1.0).mean())}
         print(f"  {run}: ppl {ppl:.2f}, KL {kl:.4f}, ECE {ece:.4f}", flush=True)
     out = work / "one_pass.json"
     settings = ("steps", "batch_size", "seq_len", "lr", "sample_count", "held_out_sequences", "files")
@@ -142,14 +160,18 @@ def main() -> None:
 
 
 def report(results: dict) -> None:
-    ref = results["runs"].get("online")
+    """Each run against online KD with the same clipping (RUN-noclip against online-noclip)."""
     print(f"\none pass: {results['train_sequences']} sequences x {results['seq_len']} of Shakespeare's plays, "
           f"each once; {results['steps']} steps of {results['batch_size']}; {results['held_out_sequences']} held out")
-    print(f"{'run':11} {'held-out ppl':>12} {'vs online':>9} {'KL':>8} {'vs online':>9} {'ECE':>7} {'train s':>8}")
+    print(f"{'run':18} {'held-out ppl':>12} {'vs online':>9} {'KL':>8} {'vs online':>9} {'ECE':>7} {'train s':>8} "
+          f"{'|g| median':>10} {'clipped':>7}")
     for run, r in results["runs"].items():
-        gap = (lambda key: "" if ref is None or run == "online" else f"{100 * (r[key] / ref[key] - 1):+.2f}%")
-        print(f"{run:11} {r['ppl']:12.2f} {gap('ppl'):>9} {r['kl']:8.4f} {gap('kl'):>9} {r['ece']:7.4f} "
-              f"{results['seconds'][run]:8.0f}")
+        online = "online-noclip" if run.endswith("-noclip") else "online"
+        ref = results["runs"].get(online)
+        gap = (lambda key: "" if ref is None or run == online else f"{100 * (r[key] / ref[key] - 1):+.2f}%")
+        norm = f"{r['grad_norm_median']:10.2f} {r['clipped']:7.0%}" if "clipped" in r else ""
+        print(f"{run:18} {r['ppl']:12.2f} {gap('ppl'):>9} {r['kl']:8.4f} {gap('kl'):>9} {r['ece']:7.4f} "
+              f"{results['seconds'][run]:8.0f} {norm}")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,9 @@ def cli() -> None:
 @click.option("--temperatures", default="1,2", help="Temperatures whose full-vocabulary logsumexp is stored (1 always is).")
 @click.option("--sample-count", type=int, default=0, help="Draws per position from the teacher distribution (0: off).")
 @click.option("--sample-temperature", type=float, default=1.0, help="Temperature of the sampled draws.")
+@click.option("--sampler", type=click.Choice(["systematic", "multinomial"]), default="systematic",
+              help="systematic: m evenly spaced points from one random offset (each count floor or ceil of m*p, "
+                   "unbiased); multinomial: m independent draws, as kdpipe 0.2 drew.")
 @click.option("--seed", type=int, default=0, help="Seed of the sampled draws.")
 @click.option("--hidden-layers", default="none", help="Hidden states to keep: all, none, uniform:N, last:N or 0,4,8 "
                                                       "(0 = embeddings).")

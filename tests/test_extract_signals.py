@@ -11,6 +11,7 @@ import transformers
 
 from kdpipe.errors import UserError
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
+from kdpipe.stage1_extract.logits import LogitSignals, LogitSpec, systematic_counts
 from kdpipe.storage.codecs import LOGPROB_FLOOR, LOGPROB_STEP
 from kdpipe.storage.reader import TeacherCache
 from tiny import FAMILIES, WINDOW
@@ -168,11 +169,12 @@ def test_logit_slices_do_not_change_results(teachers, corpus, tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_sampled_logits_follow_the_teacher_distribution(temperature, teachers, corpus, tmp_path):
+@pytest.mark.parametrize("temperature,sampler", [(1.0, "multinomial"), (2.0, "multinomial"), (2.0, "systematic")])
+def test_sampled_logits_follow_the_teacher_distribution(temperature, sampler, teachers, corpus, tmp_path):
     m = 4000
     cache = run(teachers["llama"], corpus, tmp_path / "c", sample_count=m, sample_temperature=temperature,
-                max_sequences=2)
+                max_sequences=2, sampler=sampler)
+    assert cache.manifest.signals.sampler == sampler
     ref = reference(teachers["llama"], cache)
     probs = torch.softmax(ref.logits.float() / temperature, -1).numpy()
     ids, counts = cache.sampled()
@@ -189,9 +191,58 @@ def test_sampled_logits_follow_the_teacher_distribution(temperature, teachers, c
         assert len(set(ids[n, t][used])) == used.sum()
         freq = np.zeros(probs.shape[-1])
         freq[ids[n, t][used]] = counts[n, t][used] / m
-        # each frequency within 5 standard errors of its probability
-        se = np.sqrt(probs[n, t] * (1 - probs[n, t]) / m) + 1e-4
-        assert (np.abs(freq - probs[n, t]) < 5 * se).all()
+        if sampler == "systematic":  # every count is floor or ceil of m p against the model's own forward
+            assert (np.abs(freq * m - probs[n, t] * m) < 1 + 1e-3).all()
+            assert (freq[probs[n, t] * m >= 1 + 1e-3] > 0).all(), "a token with m p >= 1 is always drawn"
+        else:  # each frequency within 5 standard errors of its probability
+            se = np.sqrt(probs[n, t] * (1 - probs[n, t]) / m) + 1e-4
+            assert (np.abs(freq - probs[n, t]) < 5 * se).all()
+
+
+@pytest.mark.parametrize("gap", [3.0, 40.0, 95.0, 110.0, 160.0])
+def test_logsumexp_and_tail_at_t1_and_t2_match_float64_down_to_tails_below_float32(gap):
+    """The T=2 sums come from the T=1 terms' square roots; a tail whose T=1 terms are denormal or 0 (a gap of
+    95-160 nats below the top-k) is still exact at T=2, where it is representable (e^-47 .. e^-80)."""
+    g = torch.Generator().manual_seed(0)
+    k, v = 8, 3000
+    logits = torch.randn(2, 5, v, generator=g, dtype=torch.float64)
+    logits[..., :k] += gap + 5  # the top-k stand `gap` nats above the rest
+    signals = LogitSignals(LogitSpec(top_k=k, temperatures=[1.0, 2.0, 0.5], vocab_size=v, rows=4))
+    signals.compute(logits.float(), lambda h: h, [0, 1])
+    x = logits.float().double()  # what float32 logits hold, then exactly
+    for i, temp in enumerate([1.0, 2.0, 0.5]):
+        lse = torch.logsumexp(x / temp, -1)
+        tail = torch.logsumexp(x[..., k:] / temp, -1) - lse
+        torch.testing.assert_close(signals.logsumexp[..., i].double(), lse, rtol=1e-6, atol=1e-5)
+        if tail.min() > -80:  # float32 resolves the tail mass (e^-87 and above); below, -inf or the nearest
+            torch.testing.assert_close(signals.logtail[..., i].double(), tail, rtol=0, atol=1e-4)
+        else:
+            assert (signals.logtail[..., i] < -80).all()
+
+
+def test_systematic_counts_are_unbiased_by_exact_enumeration_and_never_off_by_one():
+    """E[count_i] = m p_i over the offset u, integrated exactly: count(u) is constant between the breakpoints
+    frac(m C_i), so its mean is the length-weighted sum over those pieces. Peaked rows, a 1e-12 tail, zeros."""
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(40, generator=g).mul(3).exp(), torch.tensor([1.0, 1e-12, 3e-9, 0.0, 0.25, 0.0, 7.0]),
+            torch.tensor([1.0, 1e-7]), torch.softmax(torch.randn(40, generator=g) * 9, -1)]
+    for m, block in [(1, 256), (5, 256), (12, 256), (12, 4), (5, 3)]:  # small blocks: the two-level search
+        for w in rows:
+            p = w.double() / w.double().sum()
+            cdf = p.cumsum(0)
+            cuts = torch.cat([torch.zeros(1, dtype=torch.float64), torch.frac(m * cdf), torch.ones(1, dtype=torch.float64)])
+            cuts = cuts.unique()  # sorted
+            mid, width = ((cuts[1:] + cuts[:-1]) / 2).view(-1, 1), cuts[1:] - cuts[:-1]
+            counts = systematic_counts(w.expand(len(mid), -1), m, mid, block=block)
+            assert (counts.sum(-1) == m).all()
+            expected = (counts * width.view(-1, 1)).sum(0)
+            # block sums are float32 (relative error ~1e-7): the offsets that move a point across a block's
+            # edge are that far from the float64 breakpoints
+            torch.testing.assert_close(expected, m * p, rtol=0, atol=1e-5)
+            assert ((counts - m * p).abs() < 1 + 1e-5).all(), "a count is floor(m p) or ceil(m p)"
+            assert (counts[:, p == 0] == 0).all(), "a token of probability 0 is never drawn"
+            variance = (((counts - m * p) ** 2) * width.view(-1, 1)).sum(0)
+            assert (variance <= 0.25 + 1e-5).all()  # independent draws: m p (1 - p), up to m / 4
 
 
 def test_fingerprint_same_for_same_tokens_differs_for_one_token(teachers, corpus, tmp_path):

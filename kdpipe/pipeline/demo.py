@@ -65,7 +65,8 @@ def run_demo(out: str, sequences: int, seq_len: int, steps: int, quiet: bool) ->
     # run again in the same folder, the demo continues what is there: a cache of the same settings is
     # resumed (nothing to do when complete), a finished student run is reported as it is
     previous = read_manifest(cache) if Path(cache).exists() else None
-    same = previous is not None and previous.data.seq_len == seq_len and previous.data.num_sequences == sequences
+    same = (previous is not None and previous.data.seq_len == seq_len and previous.data.num_sequences == sequences
+            and previous.signals.sampler == "systematic")  # a demo cache of kdpipe 0.2's draws is made again
     extracted = extract(ExtractConfig(
         teacher=str(teacher), data=[str(DEMO_CORPUS)], out=cache, seq_len=seq_len, batch_size=8, top_k=64,
         temperatures=[1.0, 2.0], sample_count=32, hidden_layers="uniform:3", max_sequences=sequences,

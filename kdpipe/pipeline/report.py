@@ -62,7 +62,8 @@ def _listed(values: list) -> str:
 
 
 def describe_signals(sig: dict[str, Any]) -> str:
-    sampled = f"{plural(sig['sample_count'], 'draw')} per position" if sig["sample_count"] else "none"
+    sampled = (f"{plural(sig['sample_count'], 'draw')} per position ({sig.get('sampler', 'multinomial')})"
+               if sig["sample_count"] else "none")
     hidden = f"{_listed(sig['hidden_layers'])} ({sig['hidden_dtype']})" if sig["hidden_layers"] else "none"
     if sig["hidden_layers"] and sig.get("hidden_codec") == "int8":
         width = f", projected to {sig['hidden_rank']} dims" if sig.get("hidden_rank") else ""

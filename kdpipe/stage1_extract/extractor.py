@@ -54,6 +54,7 @@ class ExtractConfig:
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
     sample_count: int = 0
     sample_temperature: float = 1.0
+    sampler: str = "systematic"  # or "multinomial" (stage1_extract.logits.systematic_counts)
     seed: int = 0
     hidden_layers: str = "none"
     hidden_dtype: str = "float16"
@@ -113,6 +114,7 @@ def _check_options(cfg: ExtractConfig) -> None:
         (all(t > 0 for t in cfg.temperatures) and cfg.temperatures, "--temperatures must be positive numbers"),
         (cfg.sample_count >= 0 and cfg.sample_count < 65536, "--sample-count must be in 0..65535"),
         (cfg.sample_temperature > 0, "--sample-temperature must be positive"),
+        (cfg.sampler in ("systematic", "multinomial"), "--sampler must be systematic or multinomial"),
         (cfg.sequences_per_unit > 0, "--sequences-per-unit must be positive"),
         (cfg.sequences_per_chunk is None or (cfg.sequences_per_chunk > 0
                                              and cfg.sequences_per_unit % cfg.sequences_per_chunk == 0),
@@ -200,7 +202,8 @@ def _run(cfg: ExtractConfig, ranks: Ranks, model, tokenizer, manifest: Manifest,
     scale, softcap = head_transform(model)
     spec = LogitSpec(top_k=cfg.top_k, temperatures=manifest.signals.temperatures,
                      vocab_size=manifest.teacher.vocab_size, rows=cfg.logit_rows, sample_count=cfg.sample_count,
-                     sample_temperature=cfg.sample_temperature, seed=cfg.seed, scale=scale, softcap=softcap)
+                     sample_temperature=cfg.sample_temperature, sampler=cfg.sampler, seed=cfg.seed, scale=scale,
+                     softcap=softcap)
     s = manifest.signals
     checked = probe(model, spec, tokens[0], int(lengths[0]), s.attention_layers, s.attention_form, cfg.dtype)
     s.attention_windows, s.attention_softcap = checked.windows, checked.softcap
@@ -328,7 +331,8 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
                       loss_mask=("all" if cfg.learn_all_tokens else "assistant") if chat else None,
                       learned_tokens=int(tokens.learned_tokens) if chat else None),
         signals=SignalSpec(top_k=cfg.top_k, temperatures=_with_unit_temperature(cfg.temperatures),
-                           sample_count=cfg.sample_count, sample_temperature=cfg.sample_temperature, seed=cfg.seed,
+                           sample_count=cfg.sample_count, sample_temperature=cfg.sample_temperature,
+                           sampler=cfg.sampler, seed=cfg.seed,
                            logtail=True, sampled_logprobs=bool(cfg.sample_count),
                            topk_codec=CODEC if compact else "float16", topk_error=ERROR_BOUND if compact else 0.0,
                            hidden_layers=hidden_layers, hidden_dtype=cfg.hidden_dtype,

@@ -23,6 +23,7 @@ class LogitSpec:
     rows: int = 512
     sample_count: int = 0
     sample_temperature: float = 1.0
+    sampler: str = "multinomial"  # or "systematic" (systematic_counts)
     seed: int = 0
     scale: float = 1.0  # what the model multiplies its head's output by (Granite, Cohere, Falcon-H1)
     softcap: float | None = None  # final-logit soft-capping (Gemma 2 style), applied as the model does
@@ -90,9 +91,10 @@ class LogitSignals:
             # down to ~1e-38, not 1 - sum(top-k), which float32 cannot resolve below ~1e-7.
             head = values - top
             rest = shifted.scatter_(-1, ids, float("-inf"))  # in place again
+            tails = _tail_sums(rest, spec.temperatures)
             for i, temp in enumerate(spec.temperatures):
                 head_sum = (head / temp).exp().sum(-1)  # >= 1: the maximum contributes exp(0)
-                tail_sum = (rest / temp if temp != 1 else rest).exp().sum(-1)
+                tail_sum = tails[i]
                 total = (head_sum + tail_sum).log()
                 self.logsumexp[b0:b1, t0:t1, i] = top[..., 0] / temp + total
                 self.logtail[b0:b1, t0:t1, i] = tail_sum.log() - total
@@ -115,12 +117,69 @@ class LogitSignals:
             if t0 == 0:
                 self._generator = torch.Generator(device=shifted.device)
                 self._generator.manual_seed(spec.seed * 1_000_003 + int(sequence_ids[b0 + j]))
-            draws = torch.multinomial(weights[j], spec.sample_count, replacement=True, generator=self._generator)
-            counts = torch.zeros_like(weights[j]).scatter_add_(1, draws, torch.ones_like(draws, dtype=weights.dtype))
+            if spec.sampler == "systematic":
+                offsets = torch.rand(weights.shape[1], 1, dtype=torch.float64, generator=self._generator,
+                                     device=weights.device)
+                counts = systematic_counts(weights[j], spec.sample_count, offsets)
+            else:
+                draws = torch.multinomial(weights[j], spec.sample_count, replacement=True, generator=self._generator)
+                counts = torch.zeros_like(weights[j]).scatter_add_(1, draws, torch.ones_like(draws, dtype=weights.dtype))
             top_counts, top_ids = counts.topk(min(spec.sample_count, counts.shape[-1]), dim=-1)
             self.sampled_ids[b0 + j, t0:t1] = torch.where(top_counts > 0, top_ids, 0)
             self.sampled_counts[b0 + j, t0:t1] = top_counts.long()
         return shifted.gather(-1, self.sampled_ids[b0:b0 + shifted.shape[0], t0:t1])
+
+
+def _tail_sums(rest: torch.Tensor, temperatures: Sequence[float]) -> list[torch.Tensor]:
+    """sum exp(x / T) over each row of `rest` (shifted logits <= 0, -inf on the top-k), per temperature.
+
+    T=2 is the square root of T=1's terms, taken in place: one sqrt instead of a division and an exp over the
+    vocabulary, 2.8x faster for the default temperatures 1,2 on a CPU (most of the head's cost beyond its
+    matmul and top-k). Terms below float32's range at T=1 (x < -87, denormal or 0) are lost to the sqrt, at
+    most V * e^-43.5 in all; a row whose T=2 tail is within 1e4 times that of it is summed directly instead.
+    """
+    ones = rest.exp()
+    sums = {1.0: ones.sum(-1)}
+    if 2.0 in temperatures:
+        halves = ones.sqrt_().sum(-1)
+        low = halves < rest.shape[-1] * 1.3e-19 * 1e4
+        if low.any():
+            halves[low] = (rest[low] / 2).exp().sum(-1)
+        sums[2.0] = halves
+    del ones
+    return [sums[t] if t in sums else (rest / t).exp().sum(-1) for t in temperatures]
+
+
+def systematic_counts(weights: torch.Tensor, m: int, offsets: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Counts [T, V] of m systematic draws per row of unnormalized `weights` [T, V]: the points (u + j) / m,
+    j < m, one uniform offset u [T, 1] per row, located in the row's cumulative distribution.
+
+    Each token's expected count is m * p_i exactly, as with m independent draws, so count / m estimates p
+    without bias; but a count is always floor(m p_i) or ceil(m p_i): its variance is at most 1/4, where
+    independent draws give m p_i (1 - p_i) (3 at p = 1/2, m = 12). A token with m p_i >= 1 is always drawn.
+
+    Located in two levels, so that no float64 pass over the vocabulary is needed (a float64 cumsum over V was
+    10x the cost of torch.multinomial): float32 sums of blocks of `block` tokens, accumulated in float64, find
+    each point's block; a float64 cumsum of that block alone finds its token. Each token's share of its block
+    is exact in float64, the block's share of the row as exact as its float32 sum (relative error ~1e-7).
+    """
+    t, v = weights.shape
+    nb = -(-v // block)
+    padded = (weights if v % block == 0 else torch.nn.functional.pad(weights, (0, nb * block - v))).view(t, nb, block)
+    sums = padded.sum(-1).double()  # [T, nb]
+    ends = sums.cumsum(-1)
+    steps = torch.arange(m, dtype=torch.float64, device=weights.device)
+    points = (offsets + steps) / m * ends[:, -1:]  # [T, m], each below the row's total
+    # bin j is [end_{j-1}, end_j): right=True skips empty blocks (and a token of weight 0 below)
+    blk = torch.searchsorted(ends, points, right=True).clamp_(max=nb - 1)
+    width = sums.gather(1, blk)
+    within = ((points - (ends.gather(1, blk) - width)) / width).clamp_(0, 1 - 1e-12)  # [T, m] in [0, 1)
+    inner = padded.gather(1, blk.unsqueeze(-1).expand(t, m, block)).double().cumsum(-1)  # [T, m, block]
+    inner = inner / inner[..., -1:]  # not in place: the divisor is a view of the same tensor
+    pos = torch.searchsorted(inner, within.unsqueeze(-1), right=True).squeeze(-1).clamp_(max=block - 1)
+    drawn = (blk * block + pos).clamp_(max=v - 1)
+    counts = torch.zeros(t, v, dtype=weights.dtype, device=weights.device)  # counts <= m: exact in float32
+    return counts.scatter_add_(1, drawn, torch.ones_like(drawn, dtype=weights.dtype))
 
 
 def _windows(b: int, t: int, rows: int):

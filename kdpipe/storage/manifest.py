@@ -71,6 +71,9 @@ class SignalSpec:
     temperatures: list[float]  # temperatures[0] is 1: `logits/topk_values` are log-probabilities at T=1
     sample_count: int = 0
     sample_temperature: float = 1.0
+    # how the draws were made: "systematic" (kdpipe 0.3's default: one uniform offset, m evenly spaced points
+    # in the cumulative distribution) or "multinomial" (m independent draws, what older caches hold)
+    sampler: str = "multinomial"
     seed: int = 0
     # arrays added in kdpipe 0.2 (older caches read without them): the teacher's log-mass outside the top-k
     # per temperature, and the T=1 log-probabilities of the sampled ids (importance weights at another T)
@@ -187,6 +190,7 @@ class Manifest:
              and 0 <= s.hidden_rank <= t.hidden_size and (s.hidden_codec == "int8" or not s.hidden_rank)
              and (s.attention_codec == "float16" or s.attention_form == "factors")
              and 0 <= s.signal_sequences <= lay.sequences_per_unit, "signals codecs"),
+            (s.sampler in ("multinomial", "systematic"), "signals.sampler"),
             (s.topk_codec in ("float16", "compact-v1") and s.topk_error >= 0
              and (s.topk_codec == "float16" or s.logtail), "signals.topk_codec"),  # compact: scaled to the tail
             (len(s.attention_windows) in (0, len(s.attention_layers)) and all(w >= 0 for w in s.attention_windows),
@@ -225,6 +229,8 @@ class Manifest:
         signals["attention_windows"] = [self.window(x) for x in self.signals.attention_layers]
         for added in ("logtail", "sampled_logprobs"):  # arrays a newer kdpipe adds: an older store resumes without
             signals.pop(added)
+        if not self.signals.sample_count:
+            signals.pop("sampler")  # no draws: how they would be made does not shape the store
         for measured in ("topk_error", "signal_budget", "hidden_error", "attention_error"):
             signals.pop(measured)  # follow from the settings (a budget from the settings it chose)
         return {
