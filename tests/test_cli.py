@@ -113,6 +113,22 @@ def test_existing_cache_needs_resume_or_overwrite(teachers, corpus, tmp_path):
     assert json.loads(kdpipe("inspect", out, "--json").stdout)["manifest"]["signals"]["top_k"] == 4
 
 
+def test_a_multinomial_sampled_cache_resumes_only_with_its_sampler_and_a_top_k_cache_with_either(teachers, corpus,
+                                                                                                   tmp_path):
+    """The default sampler changed to systematic: an older sampled cache's resume names the flag that continues
+    it; a cache without draws resumes whatever --sampler says (no draws, nothing differs)."""
+    out, draws = tmp_path / "sampled", ("--sample-count", "4", "--max-sequences", "16")
+    assert kdpipe(*extract_args(teachers["llama"], corpus, out, *draws, "--sampler", "multinomial")).exit_code == 0
+    assert_user_error(kdpipe(*extract_args(teachers["llama"], corpus, out, *draws, "--resume")),
+                      "signals.sampler", "--sampler multinomial")
+    again = kdpipe(*extract_args(teachers["llama"], corpus, out, *draws, "--sampler", "multinomial", "--resume"))
+    assert again.exit_code == 0 and "wrote 0 sequences" in again.stdout
+    plain = tmp_path / "plain"
+    assert kdpipe(*extract_args(teachers["llama"], corpus, plain, "--sampler", "multinomial",
+                                "--max-sequences", "16")).exit_code == 0
+    assert kdpipe(*extract_args(teachers["llama"], corpus, plain, "--max-sequences", "16", "--resume")).exit_code == 0
+
+
 def test_console_script_prints_no_traceback(tmp_path):
     """The installed entry point, not only click's test runner."""
     proc = subprocess.run([sys.executable, "-m", "kdpipe.cli", "extract", "--teacher", str(tmp_path / "x"),
