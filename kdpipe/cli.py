@@ -121,6 +121,12 @@ def cli() -> None:
 @click.option("--signal-fraction", type=float, default=1.0,
               help="Expert: the share of each work unit's sequences that carry hidden states and attention "
                    "(the intermediate-layer losses average over them).")
+@click.option("--position-fraction", type=float, default=1.0,
+              help="Expert: the share of each sequence's positions (a stratified draw per sequence) that carry hidden "
+                   "states and attention; the student's states are compared at those positions.")
+@click.option("--position-spans", type=int, default=0,
+              help="Expert: those positions as this many contiguous spans, one in each equal part of a sequence "
+                   "(0: one position per part).")
 @click.option("--interchange", "interchange_layers", default="none",
               help="DIITO: teacher layers (1..L-1: all, uniform:N or a list) of interchange interventions whose "
                    "counterfactual top-k is cached; one more teacher forward per batch.")
@@ -301,6 +307,7 @@ def methods(as_json: bool) -> None:
 @click.option("--hidden-rank", type=int, default=0)
 @click.option("--attention-codec", type=click.Choice(["float16", "int8"]), default="float16")
 @click.option("--signal-fraction", type=float, default=1.0)
+@click.option("--position-fraction", type=float, default=1.0)
 @click.option("--sequences-per-unit", type=int, default=16)
 @click.option("--gpus", type=int, default=1)
 @click.option("--gpu-memory", default="80GB", help="Memory per GPU.")

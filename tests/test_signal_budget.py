@@ -181,20 +181,24 @@ def test_calibration_costs_no_forward_of_its_own(teachers, corpus, tmp_path):
     assert TeacherCache(tmp_path / "coded").manifest.compact_topk
 
 
-def test_verify_repairs_a_compressed_signal_chunk_and_resume_restores_it(pair, tmp_path):
-    _, cache = pair
-    path = tmp_path / "c"
+def lose_a_chunk_verify_then_resume(cache: TeacherCache, path, array: str, needle: str, **flags) -> None:
+    """Delete the second chunk of `array` in a copy of `cache` at `path`: verify names it (`needle`), --repair
+    clears the unit, a resume with the cache's own flags makes the copy equal the original again."""
     shutil.copytree(cache.path, path)
-    chunk = next((path / "hidden" / "layer_002").rglob("c/1/*"))
+    chunk = next((path / array).rglob("c/1/*"))
     chunk.unlink() if chunk.is_file() else shutil.rmtree(chunk)
     result = kdpipe("verify", path)
-    assert result.exit_code != 0 and "hidden/layer_002" in result.output and "work unit 1" in result.output
+    assert result.exit_code != 0 and array in result.output and needle in result.output
     assert kdpipe("verify", "--repair", path).exit_code != 0
     m = cache.manifest
     extract(ExtractConfig(teacher=m.teacher.name, data=m.data.sources, out=str(path), resume=True,
-                          signal_budget=BUDGET, **SIGNALS))
+                          **{**SIGNALS, "seq_len": m.data.seq_len, **flags}))
     assert kdpipe("verify", path).exit_code == 0
     assert_same_store(path, cache.path)
+
+
+def test_verify_repairs_a_compressed_signal_chunk_and_resume_restores_it(pair, tmp_path):
+    lose_a_chunk_verify_then_resume(pair[1], tmp_path / "c", "hidden/layer_002", "work unit 1", signal_budget=BUDGET)
 
 
 def test_signal_settings_mistakes_are_one_line(teachers, corpus, tmp_path):
@@ -209,6 +213,11 @@ def test_signal_settings_mistakes_are_one_line(teachers, corpus, tmp_path):
     assert_user_error(run("--attention-layers", "all", "--attention-form", "probs", "--attention-codec", "int8"),
                       "--attention-dtype uint8")
     assert_user_error(run("--signal-fraction", "0"), "--signal-fraction must be in (0, 1]")
+    assert_user_error(run("--position-fraction", "1.5"), "--position-fraction must be in (0, 1]")
+    assert_user_error(run("--attention-layers", "all", "--attention-form", "probs", "--position-fraction", "0.5"),
+                      "use --attention-form factors")
+    assert_user_error(run("--position-fraction", "0.25", "--position-spans", "9"), "lower it")
+    assert_user_error(run("--signal-budget", "8KB", "--position-fraction", "0.5"), "give the budget or those")
     assert not (tmp_path / "c").exists()
 
 

@@ -9,6 +9,7 @@ import zarr
 from kdpipe.errors import UserError
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
 from kdpipe.storage.codecs import bitround
+from kdpipe.storage.manifest import VERSION
 from kdpipe.storage.reader import TeacherCache
 from kdpipe.storage.verify import verify
 from kdpipe.storage.writer import LEDGER
@@ -32,8 +33,8 @@ def test_manifest_of_unknown_version_or_damaged_is_refused(teachers, corpus, tmp
     make_cache(teachers["llama"], corpus, tmp_path / "c")
     group = zarr.open_group(str(tmp_path / "c"), mode="r+")
     raw = dict(group.attrs["kdpipe"])
-    group.attrs["kdpipe"] = raw | {"version": 3}
-    with pytest.raises(UserError, match="version 3.*upgrade kdpipe"):
+    group.attrs["kdpipe"] = raw | {"version": VERSION + 1}
+    with pytest.raises(UserError, match=f"version {VERSION + 1}.*upgrade kdpipe"):
         TeacherCache(tmp_path / "c")
     group.attrs["kdpipe"] = {k: v for k, v in raw.items() if k != "signals"}
     with pytest.raises(UserError, match="damaged kdpipe manifest"):

@@ -35,6 +35,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
+SIGNAL_KEYS = ("hidden", "attention", "signal_positions")  # the --signal-budget's arrays
+
 
 def parse_size(text: str, unit: str = "B") -> float:
     """'40GB' -> 40e9, '25GB/s' -> 25e9, '1.5TB' -> 1.5e12, '8KB' -> 8e3; plain numbers pass through."""
@@ -90,6 +92,7 @@ class PlanConfig:
     hidden_rank: int = 0
     attention_codec: str = "float16"
     signal_fraction: float = 1.0
+    position_fraction: float = 1.0
     sequences_per_unit: int = 16
     gpus: int = 1
     gpu_memory: float = 80e9
@@ -117,11 +120,12 @@ class PlanConfig:
                   (self.sequences_per_unit > 0, "--sequences-per-unit must be positive"),
                   (self.signal_budget is None or self.signal_budget > 0, "--signal-budget must be positive, e.g. 8KB"),
                   (self.signal_budget is None or (self.hidden_codec, self.hidden_rank, self.attention_codec,
-                                                  self.signal_fraction) == ("float16", 0, "float16", 1.0),
-                   "--signal-budget chooses --hidden-codec, --hidden-rank, --attention-codec and --signal-fraction: "
-                   "give the budget or those, not both"),
-                  (self.hidden_rank >= 0 and 0 < self.signal_fraction <= 1,
-                   "--hidden-rank must be 0 or more and --signal-fraction in (0, 1]"),
+                                                  self.signal_fraction, self.position_fraction)
+                   == ("float16", 0, "float16", 1.0, 1.0),
+                   "--signal-budget chooses --hidden-codec, --hidden-rank, --attention-codec, --signal-fraction and "
+                   "--position-fraction: give the budget or those, not both"),
+                  (self.hidden_rank >= 0 and 0 < self.signal_fraction <= 1 and 0 < self.position_fraction <= 1,
+                   "--hidden-rank must be 0 or more, --signal-fraction and --position-fraction in (0, 1]"),
                   (self.attention_codec == "float16" or self.attention_form == "factors",
                    "--attention-codec int8 codes Q/K/V factors: for --attention-form probs use uint8 probabilities")]
         for ok, message in checks:
@@ -192,7 +196,8 @@ def make_plan(c: PlanConfig) -> Plan:
     shapes = budget.Shapes(h, n_hidden, n_attn, heads, kv, d, c.seq_len, c.attention_form if n_attn else None,
                            c.sequences_per_unit)
     signals = budget.fit(c.signal_budget, shapes) if c.signal_budget is not None else \
-        budget.from_flags(c.hidden_codec, c.hidden_rank, c.attention_codec, "float16", c.signal_fraction, shapes)
+        budget.from_flags(c.hidden_codec, c.hidden_rank, c.attention_codec, "float16", c.signal_fraction, shapes,
+                          c.position_fraction)
     per_token.update(budget.bytes_per_token(signals, shapes))
     exact_signals = sum(budget.bytes_per_token(budget.Settings(), shapes).values()) if n_hidden or n_attn else 0
     logit_mode = "sampled" if not c.top_k else ("compact top-k" if compact else "float16 top-k")
@@ -252,7 +257,7 @@ def make_plan(c: PlanConfig) -> Plan:
         lines.append((f"cache: {k}", f"{_gb(v)} ({per_token[k]:,.1f} B/token) before compression"
                       + (f"; {LOGITS_NOTE[logit_mode]}" if k == "logits" else ""), False))
     if n_hidden or n_attn:
-        signal_bytes = sum(per_token.get(k, 0) for k in ("hidden", "attention"))
+        signal_bytes = sum(per_token.get(k, 0) for k in SIGNAL_KEYS)
         lines.append(("hidden + attention", f"{signals.describe(shapes)}: {signal_bytes:,.0f} B/token "
                                             f"({exact_signals / signal_bytes:.1f}x below exact float16, "
                                             f"{exact_signals:,.0f})", False))
@@ -269,7 +274,7 @@ def make_plan(c: PlanConfig) -> Plan:
             "fits": fits, "cache_bytes": cache_bytes, "cache_bytes_per_token": per_token,
             "signal_settings": {**dataclasses.asdict(signals), "describe": signals.describe(shapes),
                                 "signal_budget": c.signal_budget,
-                                "bytes_per_token": sum(per_token.get(k, 0) for k in ("hidden", "attention")),
+                                "bytes_per_token": sum(per_token.get(k, 0) for k in SIGNAL_KEYS),
                                 "exact_bytes_per_token": exact_signals},
             "seconds_per_batch": terms[bound], "seconds_by_term": terms, "total_seconds": total_s, "bound": bound}
     return Plan(lines=lines, fits=fits, data=data)

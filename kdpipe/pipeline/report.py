@@ -42,7 +42,8 @@ def cache_summary(path: str) -> dict[str, Any]:
     full_fp16 = 2 * m.teacher.vocab_size
     logit_bytes = sum(a["bytes_per_token"] for a in arrays if a["name"].split("/")[0] in ("logits", "sampled"))
     mode = ("sampled" if not m.signals.top_k else "compact top-k" if m.compact_topk else "float16 top-k")
-    signal_bytes = sum(a["bytes_per_token"] for a in arrays if a["name"].split("/")[0] in ("hidden", "attention"))
+    signal_bytes = sum(a["bytes_per_token"] for a in arrays if a["name"].split("/")[0] in ("hidden", "attention")
+                       or a["name"] == "tokens/signal_positions")
     return {"path": path, "manifest": m.to_dict(), "logits_mode": mode, "arrays": arrays, "units_done": done,
             "units_total": total,
             "logit_bytes_per_token": logit_bytes, "signal_bytes_per_token": signal_bytes,
@@ -77,6 +78,10 @@ def describe_signals(sig: dict[str, Any]) -> str:
         attention += " (int8 per (token, head))"
     if sig.get("signal_sequences") and (sig["hidden_layers"] or sig["attention_layers"]):
         attention += f"; hidden states and attention for {sig['signal_sequences']} sequences of every work unit"
+    if sig.get("signal_positions") and (sig["hidden_layers"] or sig["attention_layers"]):
+        spans = sig.get("position_spans", 0)
+        attention += f"; at {sig['signal_positions']} positions of every sequence" + (
+            f" (in {spans} span{'s' if spans > 1 else ''})" if spans else "")
     if sig.get("signal_budget"):
         attention += f" (--signal-budget {sig['signal_budget']:,.0f} B/token)"
     codec = sig.get("topk_codec", "float16")

@@ -18,7 +18,8 @@ from kdpipe.stage1_extract.interchange import interchange_edits, plan_unit, sour
 from kdpipe.stage1_extract.logits import HeadTap, LogitSignals, LogitSpec
 from kdpipe.storage.codecs import bitround, quantize_logprobs
 from kdpipe.storage.manifest import Manifest
-from kdpipe.storage.schema import attention_name, hidden_name, id_dtype
+from kdpipe.storage.attention import gather_time
+from kdpipe.storage.schema import attention_name, draw_positions, hidden_name, id_dtype
 from kdpipe.storage.codes import Codecs
 from kdpipe.storage.signal_codec import HiddenCodec, quantize
 from kdpipe.storage.topk_codec import encode as encode_topk, ranks_of
@@ -110,6 +111,8 @@ class UnitRunner:
         # the unit's sequences (positions within it) that carry hidden states and attention
         chosen = np.arange(len(tokens)) if self.signal_row is None else \
             np.flatnonzero(self.signal_row[sequence_ids.start:sequence_ids.stop] >= 0)
+        # and, position-subsampled, the positions of each sequence that do (storage.schema.draw_positions)
+        positions = draw_positions(self.m, unit, lengths) if self.m.position_subsampled else None
         plan = None
         if s.interchange_layers:
             plan = plan_unit(s.seed, unit, lengths, s.interchange_layers, s.interchange_rate)
@@ -120,7 +123,7 @@ class UnitRunner:
                 for i, rows in enumerate(batches):
                     cap = held[i].to(self.device) if i < len(held) else self._forward(tokens, lengths, sequence_ids,
                                                                                       rows)
-                    for name, arr in self._encode(cap, chosen).items():
+                    for name, arr in self._encode(cap, chosen, positions).items():
                         parts.setdefault(name, []).append(arr)
                     if plan is not None:
                         states.update(source_states(plan, rows, cap.hidden))
@@ -136,7 +139,7 @@ class UnitRunner:
                     "interchange/span": plan["span"]}
         return out
 
-    def _encode(self, cap: Captured, chosen: np.ndarray) -> dict[str, np.ndarray]:
+    def _encode(self, cap: Captured, chosen: np.ndarray, positions: np.ndarray | None) -> dict[str, np.ndarray]:
         s, sig = self.m.signals, cap.logits
         lse = sig["logsumexp"].cpu().numpy()
         if self.m.compact_topk:
@@ -161,23 +164,29 @@ class UnitRunner:
         # hidden states and attention of the batch's rows that carry them (all, unless subsampled)
         where = np.flatnonzero(np.isin(np.asarray(cap.rows), chosen))
         index = torch.from_numpy(where).to(self.device)
-        pick = (lambda x: x) if len(where) == len(cap.rows) else (lambda x: x[index])  # noqa: E731
+        rows = (lambda x: x) if len(where) == len(cap.rows) else (lambda x: x[index])  # noqa: E731
+        pick = lambda x, time_dim: rows(x)  # noqa: E731
+        if positions is not None:  # and of those rows, the drawn positions only: [b, T, ...] -> [b, P, ...]
+            pos = positions[np.asarray(cap.rows)[where]]
+            out["tokens/signal_positions"] = pos.astype(np.int16 if self.m.data.seq_len < 2 ** 15 else np.int32)
+            at = torch.from_numpy(pos).to(self.device)
+            pick = lambda x, time_dim: gather_time(rows(x), at, time_dim)  # noqa: E731
         for layer in s.hidden_layers:
-            out |= self._hidden(layer, pick(cap.hidden[layer]))
+            out |= self._hidden(layer, pick(cap.hidden[layer], 1))
         for layer in s.attention_layers:
             captured = cap.attention[layer]
             if s.attention_form == "factors":
                 for part, x in zip("qkv", captured):
                     name = attention_name(layer, part)
                     if s.attention_codec == "int8":
-                        q, step = quantize(pick(x).float())
+                        q, step = quantize(pick(x, 2).float())
                         out[name], out[f"{name}_step"] = q.cpu().numpy(), step.cpu().numpy()
                     else:
-                        out[name] = pick(x).to(torch.float16).cpu().numpy()
+                        out[name] = pick(x, 2).to(torch.float16).cpu().numpy()
             elif s.attention_dtype == "uint8":
-                out[attention_name(layer)] = torch.round(pick(captured) * 255).to(torch.uint8).cpu().numpy()
+                out[attention_name(layer)] = torch.round(pick(captured, 2) * 255).to(torch.uint8).cpu().numpy()
             else:
-                out[attention_name(layer)] = pick(captured).to(torch.float16).cpu().numpy()
+                out[attention_name(layer)] = pick(captured, 2).to(torch.float16).cpu().numpy()
         return out
 
     def _topk_arrays(self, cap: Captured) -> tuple[np.ndarray, np.ndarray]:

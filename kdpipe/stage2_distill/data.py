@@ -75,7 +75,9 @@ def hidden_scales(cache: TeacherCache, layers: list[int], units: list[int],
     if not rows or not layers:
         return {}
     index = np.array(rows)
-    valid = torch.from_numpy(np.arange(cache.seq_len)[None, :] < cache.lengths(index)[:, None])
+    pos = cache.signal_positions(index)  # position-subsampled: the states are those of these positions
+    at = np.arange(cache.seq_len)[None, :] if pos is None else pos
+    valid = torch.from_numpy(at < cache.lengths(index)[:, None])
     scales = {}
     for layer in layers:
         h = torch.from_numpy(cache.hidden(layer, index)).double()[valid]  # [tokens, H]
@@ -84,7 +86,7 @@ def hidden_scales(cache: TeacherCache, layers: list[int], units: list[int],
     return scales
 
 
-LAYER_KEYS = ("hidden/", "attention/", "factors/")
+LAYER_KEYS = ("hidden/", "attention/", "factors/", "signal_positions")
 
 
 class UnitReader:
@@ -128,6 +130,8 @@ class UnitReader:
                     arrays["sampled_logprobs"] = self.cache.sampled_logprobs(index)
                 if "logsumexp" not in arrays:  # the importance weights at another temperature use them
                     arrays["logsumexp"] = self.cache.logsumexp(index)
+            if self.reads_layers and self.cache.manifest.position_subsampled:
+                arrays["signal_positions"] = self.cache.signal_positions(layers)
             for layer in self.needs.hidden:
                 arrays[f"hidden/{layer}"] = self.cache.hidden(layer, layers)
             for layer in self.needs.attention:
@@ -166,7 +170,7 @@ class UnitReader:
             factors={layer: tuple(pick[f"factors/{layer}/{p}"] for p in "qkv")
                      for layer in {int(k.split("/")[1]) for k in pick if k.startswith("factors/")}},
             interchange={k.split("/", 1)[1]: v for k, v in pick.items() if k.startswith("interchange/")},
-            sequence_ids=pick["sequence_ids"], signal_rows=signal_rows,
+            sequence_ids=pick["sequence_ids"], signal_rows=signal_rows, signal_positions=pick.get("signal_positions"),
         )
 
 
@@ -301,12 +305,18 @@ def check_teachers(caches: list[TeacherCache], methods, student_vocab: int | Non
     first = caches[0].manifest
     layered = [i for i in range(len(caches)) if any(mt.teacher_needs(i) != Needs() and (
         mt.teacher_needs(i).hidden or mt.teacher_needs(i).factors or mt.teacher_needs(i).attention) for mt in methods)]
-    if len(layered) > 1 and any(caches[i].manifest.subsampled for i in layered) and (
-            layered[0] != 0 or any(not np.array_equal(caches[i].signal_rows(), caches[0].signal_rows())
-                                   for i in layered)):
+    def same_positions(c: TeacherCache) -> bool:
+        a, b = c.signal_positions(c.signal_rows()[c.signal_rows() >= 0]), caches[0].signal_positions(
+            caches[0].signal_rows()[caches[0].signal_rows() >= 0])
+        return (a is None) == (b is None) and (a is None or np.array_equal(a, b))
+
+    sub = any(caches[i].manifest.subsampled or caches[i].manifest.position_subsampled for i in layered)
+    if len(layered) > 1 and sub and (layered[0] != 0 or any(
+            not np.array_equal(caches[i].signal_rows(), caches[0].signal_rows()) or not same_positions(caches[i])
+            for i in layered)):
         raise UserError(f"the hidden states or attention of {caches[layered[-1]].path} and {caches[0].path} come from "
-                        f"different sequences (--signal-budget / --signal-fraction): extract every teacher with the "
-                        f"same signal settings, --seed and --sequences-per-unit")
+                        f"different sequences or positions (--signal-budget / --signal-fraction / "
+                        f"--position-fraction): extract every teacher with the same signal settings, --seed and --sequences-per-unit")
     for i, cache in enumerate(caches):
         check_needs(methods, cache.manifest, cache.path, i)
         reads_logits = any(mt.teacher_needs(i).topk or mt.teacher_needs(i).sampled for mt in methods)

@@ -291,9 +291,11 @@ def _train(cfg: DistillConfig, run: RunDir, caches, rank: int, world: int) -> Di
 
 def method_loss(method, batch, outputs: StudentOutput, step: int, caches: int) -> dict[str, torch.Tensor]:
     """A method's loss terms. From a subsampled cache an intermediate-layer method sees the rows that carry
-    hidden states and attention (every batch holds some: data.plan), so its loss averages over them."""
-    if batch.signal_rows is not None and method.reads_layers(caches):
-        return method.loss(batch.signal_view(), outputs.rows(batch.signal_rows), step)
+    hidden states and attention (every batch holds some: data.plan), so its loss averages over them; from a
+    position-subsampled one, the student's states at the positions the teacher's are stored for (their
+    `layer_mask` the tokens among them), while logits stay whole."""
+    if method.reads_layers(caches) and (batch.signal_rows is not None or batch.signal_positions is not None):
+        return method.loss(batch.signal_view(), outputs.rows(batch.signal_rows).at(batch.signal_positions), step)
     return method.loss(batch, outputs, step)
 
 

@@ -39,6 +39,28 @@ def key_mask(
     return mask
 
 
+def gather_time(x: torch.Tensor, positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """x at the positions [B, P] of its time axis `dim` (1 for hidden states [B, T, H], 2 for factors [B, h, T, d],
+    2 and 3 for masks [B or 1, 1, T, T]); row b of x takes row b's positions."""
+    b, p = positions.shape
+    x = x.expand(b, *x.shape[1:]) if x.shape[0] == 1 else x
+    view = [b] + [1] * (x.dim() - 1)
+    view[dim] = p
+    size = list(x.shape)
+    size[dim] = p
+    return x.gather(dim, positions.to(x.device).long().reshape(view).expand(size))
+
+
+def positions_mask(positions: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """[B, 1, P, P] allowed keys among the positions [B, P] of a causal model: query i sees key j when j's position
+    is not after i's, and, with a sliding window, fewer than `window` positions before it (key_mask's rule)."""
+    d = positions[:, :, None].long() - positions[:, None, :].long()
+    allowed = d >= 0
+    if window:
+        allowed &= d < window
+    return allowed[:, None]
+
+
 def probs_from_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax over keys; masked keys get probability 0 (a fully masked row stays all zero)."""
     if mask is not None:
@@ -49,9 +71,16 @@ def probs_from_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.
 
 def attention_probs(
     q: torch.Tensor, k: torch.Tensor, scaling: float, causal: bool, lengths: torch.Tensor | None = None,
-    window: int = 0, softcap: float | None = None,
+    window: int = 0, softcap: float | None = None, positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Post-softmax attention [B, h, T, T] from post-RoPE queries and keys, under the model's own mask."""
+    """Post-softmax attention [B, h, T, T] from post-RoPE queries and keys, under the model's own mask; from a
+    position-subsampled cache ([B, h, P, d] at `positions` [B, P]) the attention among those positions."""
+    if positions is not None:
+        mask = positions_mask(positions, window) if causal else None
+        if lengths is not None:
+            valid = (positions.to(q.device) < lengths.to(q.device)[:, None])[:, None, None, :]
+            mask = valid if mask is None else mask & valid
+        return probs_from_scores(attention_scores(q, k, scaling, softcap), mask)
     mask = key_mask(q.shape[2], k.shape[2], causal, lengths, q.device, window)
     return probs_from_scores(attention_scores(q, k, scaling, softcap), mask)
 

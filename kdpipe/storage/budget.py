@@ -11,7 +11,10 @@ choose the same settings without running the teacher. The ladder, cheapest loss 
    dimensions as the budget leaves at that count;
 5. one sequence a unit at a rank below a quarter, down to RANK_FLOOR.
 
-Below that the budget cannot be met, which is one error naming the smallest budget that works.
+Below that the budget cannot be met, which is one error naming the smallest budget that works. Fewer
+positions of every sequence (`signal_positions`, `--position-fraction`) give the same bytes another way; the
+ladder does not use them: at 1/24 of the exact bytes they trained TinyBERT+kd 5% (stratified positions) to 7%
+(one span) further from the exact cache than fewer sequences did (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from kdpipe.errors import UserError
 
 RANK_FLOOR = 8  # the smallest projection the ladder uses
 RANK_STEP = 8  # projections are multiples of 8 dimensions
+POSITION_BYTES = 2  # tokens/signal_positions: an int16 per stored position
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Settings:
     attention_codec: str = "float16"  # factors: "int8"
     attention_dtype: str = "float16"  # probs: "uint8"
     signal_sequences: int = 0  # per work unit; 0: all
+    signal_positions: int = 0  # per sequence; 0: all
 
     def describe(self, shapes: Shapes) -> str:
         if self == Settings():
@@ -58,6 +63,8 @@ class Settings:
             parts.append(f"attention {self.attention_codec if shapes.attention_form == 'factors' else self.attention_dtype}")
         parts.append(f"{self.signal_sequences} of every {shapes.sequences_per_unit} sequences" if self.signal_sequences
                      else "every sequence")
+        if self.signal_positions:
+            parts.append(f"{self.signal_positions} of every {shapes.seq_len} positions")
         return ", ".join(parts)
 
 
@@ -77,7 +84,9 @@ def attention_bytes(s: Settings, shapes: Shapes) -> float:
 
 
 def rate(s: Settings, shapes: Shapes) -> float:
-    return (s.signal_sequences or shapes.sequences_per_unit) / shapes.sequences_per_unit
+    """The share of the corpus's tokens whose hidden states and attention are stored."""
+    return ((s.signal_sequences or shapes.sequences_per_unit) / shapes.sequences_per_unit
+            * (s.signal_positions or shapes.seq_len) / shapes.seq_len)
 
 
 def bytes_per_token(s: Settings, shapes: Shapes) -> dict[str, float]:
@@ -87,6 +96,8 @@ def bytes_per_token(s: Settings, shapes: Shapes) -> dict[str, float]:
         out["hidden"] = rate(s, shapes) * shapes.hidden_layers * hidden_bytes(s, shapes)
     if shapes.attention_layers:
         out["attention"] = rate(s, shapes) * shapes.attention_layers * attention_bytes(s, shapes)
+    if s.signal_positions:
+        out["signal_positions"] = rate(s, shapes) * POSITION_BYTES
     return out
 
 
@@ -141,14 +152,20 @@ def fit(budget: float, shapes: Shapes) -> Settings:
 
 
 def from_flags(hidden_codec: str, hidden_rank: int, attention_codec: str, attention_dtype: str, fraction: float,
-               shapes: Shapes) -> Settings:
+               shapes: Shapes, position_fraction: float = 1.0) -> Settings:
     """The expert flags' settings (a rank implies int8), for signals that are chosen only."""
     if hidden_rank > shapes.hidden_size:
         raise UserError(f"--hidden-rank {hidden_rank} is more than the teacher's {shapes.hidden_size} hidden "
                         f"dimensions: lower it (0 keeps every channel)")
+    chosen = shapes.hidden_layers > 0 or shapes.attention_layers > 0
+    positions = max(1, round(position_fraction * shapes.seq_len))
+    if chosen and positions < shapes.seq_len and shapes.attention_form == "probs":
+        raise UserError("--position-fraction keeps some positions, and attention stored as probabilities needs "
+                        "every row's keys: use --attention-form factors, or leave --position-fraction at 1")
     rows = max(1, round(fraction * shapes.sequences_per_unit))
     hidden = shapes.hidden_layers > 0
     return Settings("int8" if hidden and (hidden_rank or hidden_codec == "int8") else "float16",
                     hidden_rank if hidden and hidden_rank < shapes.hidden_size else 0,
                     attention_codec if shapes.attention_layers else "float16", attention_dtype,
-                    0 if rows >= shapes.sequences_per_unit or not (hidden or shapes.attention_layers) else rows)
+                    0 if rows >= shapes.sequences_per_unit or not chosen else rows,
+                    0 if positions >= shapes.seq_len or not chosen else positions)

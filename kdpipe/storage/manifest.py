@@ -19,7 +19,10 @@ from kdpipe import __version__
 from kdpipe.errors import UserError
 
 FORMAT = "kdpipe-cache"
-VERSION = 2  # 2: the compact top-k (signals.topk_codec); a float16 cache is still written as version 1
+# 2: the compact top-k (signals.topk_codec) or compressed hidden states; 3: hidden states and attention at some
+# positions (signals.signal_positions), whose arrays an older kdpipe must not read as every position's. A cache
+# is written with the lowest version that holds it (a float16 cache is still version 1)
+VERSION = 3
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # a file name, never a path
 
 
@@ -97,12 +100,16 @@ class SignalSpec:
     # compressed intermediate signals (storage.signal_codec), kdpipe 0.3: "int8" hidden states are coded in
     # each channel's calibrated scale, projected to `hidden_rank` dimensions (0: all) and quantized per vector;
     # "int8" attention factors per (token, head) vector; `signal_sequences` of every work unit carry hidden
-    # states and attention (0: all of them). The budget asked for, and the error each layer's encoding measured
-    # on the calibration tokens (relative squared error, channel-scaled hidden states / factors), are recorded.
+    # states and attention (0: all of them), at `signal_positions` of each sequence's positions (0: all; format
+    # version 3: a stratified draw per sequence, stored in `tokens/signal_positions`). The budget asked for, and
+    # the error each layer's encoding measured on the calibration tokens (relative squared error, channel-scaled
+    # hidden states / factors), are recorded.
     hidden_codec: str = "float16"
     hidden_rank: int = 0
     attention_codec: str = "float16"
     signal_sequences: int = 0
+    signal_positions: int = 0
+    position_spans: int = 0  # the positions as this many contiguous spans (0: one position per stratum)
     signal_budget: float | None = None
     hidden_error: list[float] = field(default_factory=list)
     attention_error: list[float] = field(default_factory=list)
@@ -190,6 +197,8 @@ class Manifest:
              and 0 <= s.hidden_rank <= t.hidden_size and (s.hidden_codec == "int8" or not s.hidden_rank)
              and (s.attention_codec == "float16" or s.attention_form == "factors")
              and 0 <= s.signal_sequences <= lay.sequences_per_unit, "signals codecs"),
+            (0 <= s.signal_positions <= d.seq_len and (not s.signal_positions or s.attention_form != "probs")
+             and 0 <= s.position_spans <= s.signal_positions, "signals.signal_positions"),
             (s.sampler in ("multinomial", "systematic"), "signals.sampler"),
             (s.topk_codec in ("float16", "compact-v1") and s.topk_error >= 0
              and (s.topk_codec == "float16" or s.logtail), "signals.topk_codec"),  # compact: scaled to the tail
@@ -211,6 +220,17 @@ class Manifest:
         """Hidden states and attention are stored for some sequences only (`tokens/signal_row` says which)."""
         return self.signal_rows < self.layout.sequences_per_unit and bool(self.signals.hidden_layers
                                                                           or self.signals.attention_layers)
+
+    @property
+    def signal_positions(self) -> int:
+        """Positions of each sequence that carry hidden states and attention (all, unless position-subsampled)."""
+        return self.signals.signal_positions or self.data.seq_len
+
+    @property
+    def position_subsampled(self) -> bool:
+        """Hidden states and attention are stored at some positions of a sequence only (`tokens/signal_positions`)."""
+        return self.signal_positions < self.data.seq_len and bool(self.signals.hidden_layers
+                                                                  or self.signals.attention_layers)
 
     @property
     def compact_topk(self) -> bool:

@@ -15,7 +15,8 @@ from kdpipe.storage import topk_codec
 from kdpipe.storage.integrity import DamagedCache, open_array, read_rows, schema_problem
 from kdpipe.storage.manifest import Manifest
 from kdpipe.storage.codes import Codecs, read_codecs, read_signal_rows
-from kdpipe.storage.schema import LEDGER, array_specs, attention_name, hidden_name, ledger_spec, tokenizer_arrays
+from kdpipe.storage.schema import (LEDGER, array_specs, attention_name, hidden_name, ledger_spec, positions_problem,
+                                   tokenizer_arrays)
 from kdpipe.storage.signal_codec import dequantize
 from kdpipe.storage.writer import group_attrs
 
@@ -200,8 +201,20 @@ class TeacherCache:
                             f"sequences (signal_rows() says which)")
         return rows
 
+    def signal_positions(self, index: Index = slice(None)) -> np.ndarray | None:
+        """[n, P] int64: the positions of the given sequences whose hidden states and attention the cache holds
+        (what the time axis of hidden() and attention_factors() is), checked; None when it holds every position."""
+        if not self.manifest.position_subsampled:
+            return None
+        pos = self._read("tokens/signal_positions", self._signal_index(index, "hidden states and attention"))
+        problem = positions_problem(self.manifest, pos.astype(np.int64))
+        if problem:
+            raise DamagedCache(f"{self.path}: {problem}: re-extract it with --overwrite")
+        return pos.astype(np.int64)
+
     def hidden(self, layer: int, index: Index = slice(None)) -> np.ndarray:
-        """Hidden states [n, T, H] float32 of the given sequences, decoded (storage.signal_codec) when compressed."""
+        """Hidden states [n, T, H] float32 of the given sequences, decoded (storage.signal_codec) when compressed;
+        [n, P, H] at signal_positions() from a position-subsampled cache."""
         s = self.manifest.signals
         if layer not in s.hidden_layers:
             raise UserError(f"{self.path} has no hidden states of layer {layer} (stored: "
@@ -216,7 +229,7 @@ class TeacherCache:
         return raw.astype(np.float32)
 
     def attention_factors(self, layer: int, index: Index = slice(None)) -> tuple[np.ndarray, ...]:
-        """Post-RoPE (q, k, v) of block `layer`; k and v keep the teacher's grouped-query heads."""
+        """Post-RoPE (q, k, v) [n, heads, T or P, d] of block `layer`; k, v keep the teacher's grouped-query heads."""
         self._check_attention(layer, "factors")
         rows = self._signal_index(index, "attention")
         out = []
@@ -228,7 +241,8 @@ class TeacherCache:
         return tuple(out)
 
     def attention_probs(self, layer: int, index: Index = slice(None)) -> np.ndarray:
-        """Post-softmax attention [n, h, T, T] of block `layer`, stored or recomputed exactly from factors."""
+        """Post-softmax attention [n, h, T, T] of block `layer`, stored or recomputed exactly from factors; from a
+        position-subsampled cache [n, h, P, P], the attention among signal_positions()."""
         s = self.manifest.signals
         if s.attention_form == "probs":
             self._check_attention(layer, "probs")
@@ -236,9 +250,10 @@ class TeacherCache:
             return raw.astype(np.float32) / 255.0 if s.attention_dtype == "uint8" else raw.astype(np.float32)
         q, k, _ = self.attention_factors(layer, index)
         lengths = None if self.manifest.data.packing == "packed" else torch.from_numpy(self.lengths(index))
+        pos = self.signal_positions(index)
         probs = attention_probs(torch.from_numpy(q), torch.from_numpy(k), s.attention_scaling,
                                 self.manifest.teacher.causal, lengths, self.manifest.window(layer),
-                                s.attention_softcap)
+                                s.attention_softcap, None if pos is None else torch.from_numpy(pos))
         return probs.numpy()
 
     def _check_attention(self, layer: int, form: str) -> None:

@@ -81,6 +81,35 @@ def signal_row_problem(m: Manifest, rows: np.ndarray) -> str | None:
     return None
 
 
+def draw_positions(m: Manifest, unit: int, lengths: np.ndarray) -> np.ndarray:
+    """[n, P] int64: the positions of work unit `unit`'s sequences (of these lengths) that carry hidden states and
+    attention: S contiguous spans (`signals.position_spans`; 0: P spans of one position), each at a uniform
+    offset within its own S-th of [0, length), so ascending, distinct and spread over the whole sequence (a
+    function of (seed, unit, lengths): the same on every rank and resume). A sequence shorter than P keeps
+    every position, then padding positions that its length masks."""
+    p, t = m.signal_positions, m.data.seq_len
+    spans = m.signals.position_spans or p
+    lengths = np.asarray(lengths, np.int64)[:, None]
+    u = np.random.default_rng([m.signals.seed, unit, 8111]).random((len(lengths), p))[:, :spans]
+    ends = np.arange(spans + 1) * p // spans  # span i holds positions ends[i]..ends[i+1]-1 of the P
+    width = np.diff(ends)
+    edges = ends[None, :] * np.maximum(lengths, p) // p  # span i's stratum, at least `width[i]` long
+    start = edges[:, :-1] + (u * (edges[:, 1:] - edges[:, :-1] - width + 1)).astype(np.int64)
+    span_of = np.repeat(np.arange(spans), width)
+    pos = start[:, span_of] + (np.arange(p) - ends[span_of])[None, :]
+    return np.where(lengths >= p, pos, np.arange(p)[None, :]).clip(0, t - 1)
+
+
+def positions_problem(m: Manifest, pos: np.ndarray) -> str | None:
+    """Why stored `tokens/signal_positions` rows cannot be this manifest's (each row P ascending positions in
+    [0, T)), or None: a cache is input, and the positions index the student's states."""
+    if pos.ndim != 2 or pos.shape[1] != m.signal_positions:
+        return f"tokens/signal_positions has shape {pos.shape}, not [rows, {m.signal_positions}]"
+    if len(pos) and ((pos < 0).any() or (pos >= m.data.seq_len).any() or (np.diff(pos, axis=1) <= 0).any()):
+        return f"tokens/signal_positions holds positions outside 0..{m.data.seq_len - 1} or not ascending"
+    return None
+
+
 def signal_row_index(m: Manifest) -> np.ndarray:
     """`tokens/signal_row`: for every sequence, its row in the signal arrays, or -1."""
     out = np.full(m.data.num_sequences, -1, np.int32)
@@ -140,7 +169,8 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
 
 def signal_specs(m: Manifest) -> list[ArraySpec]:
     """Hidden states and attention, with their codecs' arrays (storage.signal_codec). Subsampled, their rows are
-    the signal rows (`tokens/signal_row`), unit_rows of them per work unit."""
+    the signal rows (`tokens/signal_row`), unit_rows of them per work unit; position-subsampled, their time axis
+    is the P positions of `tokens/signal_positions`."""
     s, teacher, t, h = m.signals, m.teacher, m.data.seq_len, m.teacher.hidden_size
     if not (s.hidden_layers or s.attention_layers):
         return []
@@ -152,6 +182,10 @@ def signal_specs(m: Manifest) -> list[ArraySpec]:
         unit_rows = m.signal_rows
         specs.append(ArraySpec("tokens/signal_row", (m.data.num_sequences,), "int32", "raw"))
     rows = dict(unit_rows=unit_rows)
+    if m.position_subsampled:  # hidden states and attention at P positions of each sequence (draw_positions)
+        t = m.signal_positions
+        specs.append(ArraySpec("tokens/signal_positions", (n, t), "int16" if m.data.seq_len < 2 ** 15 else "int32",
+                               "raw", **rows))
     for layer in s.hidden_layers:
         name = hidden_name(layer)
         if s.hidden_codec == "int8":

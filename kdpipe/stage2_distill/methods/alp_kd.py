@@ -44,9 +44,9 @@ class ALPKD(Method):
     def loss(self, batch, out, step):
         how = self.params["pooling"]
         # each teacher layer at its own channel scale; the student's map learns to land in that space
-        t = torch.stack([pool(self.hidden(batch.hidden[i], i), batch.mask, how) for i in self.teacher_layers], 1)
+        t = torch.stack([pool(self.hidden(batch.hidden[i], i), batch.layer_mask, how) for i in self.teacher_layers], 1)
         total = 0.0
         for j in self.student_layers():
-            s = self.project(pool(out.hidden[j].float(), batch.mask, how))  # [B, H]
+            s = self.project(pool(out.hidden[j].float(), batch.layer_mask, how))  # [B, H]
             total = total + ((s - attend_layers(t, s)) ** 2).mean()
         return {"alp": total}

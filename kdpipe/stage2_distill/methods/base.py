@@ -44,6 +44,17 @@ class Batch:
     # a subsampled cache (storage.schema.signal_selection): the rows [b] that carry hidden states and attention,
     # which `hidden`, `factors` and `attention` then hold alone; None when every row does
     signal_rows: torch.Tensor | None = None
+    # a position-subsampled cache (storage.schema.draw_positions): for each row of `hidden`, `factors` and
+    # `attention`, the positions [b, P] they hold (their time axis); None when they hold every position
+    signal_positions: torch.Tensor | None = None
+
+    @property
+    def layer_mask(self) -> torch.Tensor:
+        """[b, T or P] bool: the real tokens among those `hidden`, `factors` and `attention` hold (what an
+        intermediate-layer loss averages over: `mask`, or from a position-subsampled cache its signal positions)."""
+        if self.signal_positions is None:
+            return self.mask
+        return self.mask.gather(1, self.signal_positions.to(self.mask.device))
 
     @property
     def targets(self) -> torch.Tensor:
@@ -73,8 +84,10 @@ class Batch:
         # subsampled, every row: those are picked too)
         layers = (lambda x: x) if self.signal_rows is not None else (lambda x: x[rows])  # noqa: E731
         per_row = {k: (v[rows] if torch.is_tensor(v) else v) for k, v in self.__dict__.items()
-                   if k not in ("hidden", "factors", "attention", "interchange", "others", "signal_rows")}
-        return Batch(**per_row, hidden={k: layers(v) for k, v in self.hidden.items()},
+                   if k not in ("hidden", "factors", "attention", "interchange", "others", "signal_rows",
+                                "signal_positions")}
+        positions = None if self.signal_positions is None else layers(self.signal_positions)
+        return Batch(**per_row, signal_positions=positions, hidden={k: layers(v) for k, v in self.hidden.items()},
                      factors={k: tuple(layers(x) for x in v) for k, v in self.factors.items()},
                      attention={k: layers(v) for k, v in self.attention.items()},
                      interchange={k: v[rows] for k, v in self.interchange.items()},
@@ -101,6 +114,24 @@ class StudentOutput:
     # run(input_ids, mask, edits, hidden_layers) -> (logits, hidden): another student forward with hidden
     # states edited (see capture.Capture), for methods that intervene (Theseus, DIITO)
     run: Callable[..., tuple[torch.Tensor, dict[int, torch.Tensor]]] | None = None
+
+    def at(self, positions: torch.Tensor | None) -> "StudentOutput":
+        """These outputs' hidden states, factors and attention masks at the positions [B, P] a position-subsampled
+        cache holds (all when None): the states the cache's teacher states pair with; logits stay whole."""
+        if positions is None:
+            return self
+        from kdpipe.storage.attention import gather_time, key_mask
+
+        t = self.logits.shape[1]
+        masks = {}
+        for block in self.factors:
+            own = self.masks.get(block)
+            own = key_mask(t, t, True, None, self.logits.device) if own is None else own
+            masks[block] = gather_time(gather_time(own, positions, 2), positions, 3)
+        hidden = {k: gather_time(v, positions, 1) for k, v in self.hidden.items()}
+        factors = {k: tuple(gather_time(x, positions, 2) for x in v) for k, v in self.factors.items()}
+        return StudentOutput(logits=self.logits, hidden=hidden, factors=factors, scaling=self.scaling, masks=masks,
+                             softcaps=self.softcaps, run=self.run)
 
     def rows(self, rows: torch.Tensor | None) -> "StudentOutput":
         """These outputs for batch rows `rows` (all when None): see Batch.signal_view."""
@@ -134,10 +165,13 @@ class Context:
     # per cache, teacher layer -> per-channel RMS of its hidden states over training sequences [H] (see scale_hidden)
     hidden_scales: list[dict[int, torch.Tensor]] = field(default_factory=list)
 
-    def teacher_mask(self, layer: int, t: int, device) -> torch.Tensor:
-        """The allowed keys of teacher block `layer` over T tokens: causal, within its sliding window."""
-        from kdpipe.storage.attention import key_mask
+    def teacher_mask(self, layer: int, t: int, device, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The allowed keys of teacher block `layer` over T tokens: causal, within its sliding window; over the
+        positions [B, P] of a position-subsampled cache (Batch.signal_positions) when given."""
+        from kdpipe.storage.attention import key_mask, positions_mask
 
+        if positions is not None:
+            return positions_mask(positions.to(device), self.teacher_windows.get(layer, 0))
         return key_mask(t, t, True, None, device, self.teacher_windows.get(layer, 0))
 
     def scale_hidden(self, x: torch.Tensor, layer: int, teacher: int = 0) -> torch.Tensor:
@@ -222,6 +256,7 @@ class Method(nn.Module):
     # 0.1). Alone, the weight scales the whole loss, which Adam's normalization nearly undoes.
     default_weight: ClassVar[float] = 1.0
     batch_rows: ClassVar[int] = 1  # the fewest rows its loss needs (contrastive: 2); see data.plan
+    every_position: ClassVar[bool] = False  # its loss needs the teacher's states at every position (Theseus)
 
     def __init__(self, params: dict[str, Any], ctx: Context):
         super().__init__()
@@ -386,6 +421,11 @@ def build_methods(specs: list[str], ctx: Context) -> list[Method]:
 def check_needs(methods: list[Method], manifest: Manifest, cache_path: str, index: int = 0) -> None:
     """Before the first step: every method's teacher signals must be in the cache."""
     for method in methods:
+        if method.every_position and manifest.position_subsampled and method.teacher_needs(index).hidden:
+            raise UserError(f"method {method.name} replaces the student's states at every position with the "
+                            f"teacher's, and {cache_path} holds them at {manifest.signal_positions} of every "
+                            f"{manifest.data.seq_len} positions: re-extract without --position-fraction (or with a "
+                            f"--signal-budget that keeps every position)")
         missing = method.teacher_needs(index).missing(manifest)
         if missing:
             raise UserError(f"method {method.name} needs teacher signals that {cache_path} lacks: re-extract with "

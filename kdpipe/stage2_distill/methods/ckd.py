@@ -59,11 +59,11 @@ class CKD(Method):
         return [s for s, _ in self.pairs]
 
     def loss(self, batch, out, step):
-        p, m = self.params, batch.mask.float()  # [B, T]
+        p, m = self.params, batch.layer_mask.float()  # [B, T]
         # each model's relations at its own channel scale (massive channels would otherwise be every distance)
         t_stack = torch.stack([self.hidden(batch.hidden[t], t) for _, t in self.pairs], 1)  # [B, L, T, H]
         own = own_channel_scale if p["scale"] == "channel" else (lambda x, mask: x)
-        s_stack = torch.stack([own(out.hidden[s].float(), batch.mask) for s, _ in self.pairs], 1)
+        s_stack = torch.stack([own(out.hidden[s].float(), batch.layer_mask) for s, _ in self.pairs], 1)
         b, n_layers, t, _ = t_stack.shape
         terms = {}
 

@@ -49,6 +49,6 @@ class DistilBERT(Method):
             s_h = self.hidden(self.project(out.hidden[self.ctx.student_layers].float()), last)
             t_h = self.hidden(batch.hidden[last], last)
             cos = F.cosine_similarity(s_h, t_h, dim=-1)
-            mask = batch.mask.float()
+            mask = batch.layer_mask.float()
             terms["cos"] = p["alpha_cos"] * ((1 - cos) * mask).sum() / mask.sum().clamp_min(1)
         return terms

@@ -60,4 +60,4 @@ class LRCBERT(Method):
             raise UserError("method lrc_bert contrasts samples within a batch: use --batch-size 2 or more")
         s = torch.stack([self.hidden(self.project(out.hidden[s].float()), t) for s, t in self.pairs], 1)
         t = torch.stack([self.hidden(batch.hidden[t], t) for _, t in self.pairs], 1)
-        return {"cos_nce": cos_nce(cos_distance_matrix(s, t, batch.mask))}
+        return {"cos_nce": cos_nce(cos_distance_matrix(s, t, batch.layer_mask))}

@@ -123,7 +123,7 @@ class MGSKD(Method):
         return [0, *inner, length]
 
     def loss(self, batch, out, step):
-        p, mask = self.params, batch.mask
+        p, mask = self.params, batch.layer_mask
         heads, k1, k2 = int(p["heads"]), int(p["k1"]), int(p["k2"])
         token = span = sample = out.logits.new_zeros(())
         cuts = self.spans(mask.shape[1], step)

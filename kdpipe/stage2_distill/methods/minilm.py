@@ -54,13 +54,14 @@ class MiniLM(BlockPairMethod):
         sq, sk, sv = out.factors[s_layer]
         s_logp = causal_log_probs(sq, sk, out.scaling, out.masks.get(s_layer), out.softcaps.get(s_layer))
         if not self.params["alpha_vr"]:  # distributions only: either cached form
-            return {"at": self.params["alpha_at"] * _attention_kl(batch.attention[t_layer].log(), s_logp, batch.mask),
+            return {"at": self.params["alpha_at"] * _attention_kl(batch.attention[t_layer].log(), s_logp,
+                                                                  batch.layer_mask),
                     "vr": s_logp.new_zeros(())}
         tq, tk, tv = batch.factors[t_layer]
-        t_mask = self.ctx.teacher_mask(t_layer, tq.shape[2], tq.device)
+        t_mask = self.ctx.teacher_mask(t_layer, tq.shape[2], tq.device, batch.signal_positions)
         at = _attention_kl(causal_log_probs(tq, tk, self.ctx.teacher_attention_scaling, t_mask,
-                                            self.ctx.teacher_attention_softcap), s_logp, batch.mask)
+                                            self.ctx.teacher_attention_softcap), s_logp, batch.layer_mask)
         heads = sq.shape[1] if sq.shape[1] == tq.shape[1] else min(sq.shape[1], tq.shape[1])
         vr = relation_kl(relation_logits(per_head_values(tv, tq.shape[1], heads), heads),
-                         relation_logits(per_head_values(sv, sq.shape[1], heads), heads), batch.mask)
+                         relation_logits(per_head_values(sv, sq.shape[1], heads), heads), batch.layer_mask)
         return {"at": self.params["alpha_at"] * at, "vr": self.params["alpha_vr"] * vr}

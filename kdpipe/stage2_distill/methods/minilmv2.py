@@ -31,5 +31,5 @@ class MiniLMv2(BlockPairMethod):
         for i, part in enumerate("qkv"):
             t = relation_logits(batch.factors[t_layer][i], r)
             s = relation_logits(out.factors[s_layer][i], r)
-            terms[f"{part}{part}"] = relation_kl(t, s, batch.mask)
+            terms[f"{part}{part}"] = relation_kl(t, s, batch.layer_mask)
         return terms

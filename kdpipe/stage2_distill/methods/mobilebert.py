@@ -50,9 +50,9 @@ class MobileBERT(Method):
         fmt = at = 0.0
         for s, t in self.active_pairs(step):
             fmt = fmt + hidden_mse(self.hidden(self.project(out.hidden[s].float()), t), self.hidden(batch.hidden[t], t),
-                                   batch.mask)
+                                   batch.layer_mask)
             sq, sk, _ = out.factors[s]
             t_logp = batch.attention[t].log()  # log 0 = -inf at masked keys: they contribute 0
             s_logp = causal_log_probs(sq, sk, out.scaling, out.masks.get(s), out.softcaps.get(s))
-            at = at + _attention_kl(t_logp, s_logp, batch.mask)
+            at = at + _attention_kl(t_logp, s_logp, batch.layer_mask)
         return {"fmt": self.params["alpha_fmt"] * fmt, "at": self.params["alpha_at"] * at}

@@ -59,6 +59,6 @@ class MTBERT(MultiTeacherMethod):
             soft = soft + (weight * self.kd(batch, out, i)).mean()
             for s, t in self.pairs[i]:
                 hidden = hidden + hidden_mse(self.hidden(self.fit[i](out.hidden[s].float()), t, i),
-                                             self.hidden(b.hidden[t], t, i), batch.mask)
+                                             self.hidden(b.hidden[t], t, i), batch.layer_mask)
         return {"soft": soft, "hidden": p["alpha_hidden"] * hidden,
                 "hard": p["alpha_hard"] * lm_loss(out.logits, batch.input_ids, batch.targets)}

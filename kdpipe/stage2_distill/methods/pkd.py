@@ -57,10 +57,10 @@ class PKD(Method):
                 t_h = self.hidden(batch.hidden[t_layer], t_layer)
                 if p["pooling"] == "token":
                     dist = ((F.normalize(s_h, dim=-1) - F.normalize(t_h, dim=-1)) ** 2).sum(-1)
-                    pt = pt + (dist * batch.mask).sum() / batch.mask.sum().clamp_min(1)
+                    pt = pt + (dist * batch.layer_mask).sum() / batch.layer_mask.sum().clamp_min(1)
                     continue
-                s_vec = F.normalize(pool(s_h, batch.mask, p["pooling"]), dim=-1)
-                t_vec = F.normalize(pool(t_h, batch.mask, p["pooling"]), dim=-1)
+                s_vec = F.normalize(pool(s_h, batch.layer_mask, p["pooling"]), dim=-1)
+                t_vec = F.normalize(pool(t_h, batch.layer_mask, p["pooling"]), dim=-1)
                 pt = pt + ((s_vec - t_vec) ** 2).sum(-1).mean()
             terms["pt"] = p["beta"] * pt
         return terms

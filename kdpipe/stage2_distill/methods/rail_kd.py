@@ -51,8 +51,8 @@ class RAILKD(Method):
     def loss(self, batch, out, step):
         how, total = self.params["pooling"], 0.0
         for i, (s_layer, t_layer) in enumerate(zip(self.student_layers(), self.drawn(step))):
-            s = self.hidden(self.project[i](pool(out.hidden[s_layer].float(), batch.mask, how)), t_layer)
-            t = pool(self.hidden(batch.hidden[t_layer], t_layer), batch.mask, how)
+            s = self.hidden(self.project[i](pool(out.hidden[s_layer].float(), batch.layer_mask, how)), t_layer)
+            t = pool(self.hidden(batch.hidden[t_layer], t_layer), batch.layer_mask, how)
             s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
             total = total + ((s - t) ** 2).sum(-1).mean()
         return {"rail": total}

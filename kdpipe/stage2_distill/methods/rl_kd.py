@@ -63,7 +63,7 @@ class RLKD(MultiTeacherMethod):
             nll = teacher_label_nll(b.topk_ids, b.topk_logprobs, b.input_ids, b.mask, tail)
             parts.append(torch.stack([nll, top1, mass], -1))
             if layer is not None:
-                parts.append(pool(b.hidden[layer].float(), b.mask, "mean"))
+                parts.append(pool(b.hidden[layer].float(), b.layer_mask, "mean"))
         return torch.cat(parts, -1)
 
     def log_prob(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:

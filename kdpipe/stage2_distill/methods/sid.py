@@ -61,11 +61,11 @@ class SID(Method):
             return {"cos": zero, "att": zero, "kd": t * t * soft_loss(batch, out, self.ctx, t, p["estimator"])}
         cos = att = zero
         for s, t in self.pairs[:stage]:
-            s_vec = self.hidden(self.project(pool(out.hidden[s].float(), batch.mask, p["pooling"])), t)
-            t_vec = pool(self.hidden(batch.hidden[t], t), batch.mask, p["pooling"])
+            s_vec = self.hidden(self.project(pool(out.hidden[s].float(), batch.layer_mask, p["pooling"])), t)
+            t_vec = pool(self.hidden(batch.hidden[t], t), batch.layer_mask, p["pooling"])
             cos = cos + (1 - F.cosine_similarity(s_vec, t_vec, dim=-1)).mean()
             if p["alpha_att"]:
                 sq, sk, _ = out.factors[s]
                 s_logp = causal_log_probs(sq, sk, out.scaling, out.masks.get(s), out.softcaps.get(s))
-                att = att + _attention_kl(batch.attention[t].log(), s_logp, batch.mask)
+                att = att + _attention_kl(batch.attention[t].log(), s_logp, batch.layer_mask)
         return {"cos": cos, "att": p["alpha_att"] * att, "kd": zero}

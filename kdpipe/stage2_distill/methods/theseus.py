@@ -30,6 +30,7 @@ from kdpipe.stage2_distill.methods.kd import soft_loss, soft_needs
 @register
 class Theseus(Method):
     name = "theseus"
+    every_position = True
     paper = "Xu et al. 2020"
     adapted = "teacher-forced module replacement: a kept teacher module emits its cached boundary state"
     defaults = {"replace_rate": 0.5, "full_at": 1.0, "objective": "lm", "temperature": 1.0, "estimator": "bucket",

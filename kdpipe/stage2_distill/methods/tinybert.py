@@ -53,7 +53,7 @@ class TinyBERT(Method):
         return [s for s, _ in self.pairs] if self.params["alpha_att"] else []
 
     def loss(self, batch, out, step):
-        p, terms, mask = self.params, {}, batch.mask
+        p, terms, mask = self.params, {}, batch.layer_mask
         if p["alpha_emb"]:
             terms["emb"] = p["alpha_emb"] * hidden_mse(self.hidden(self.project_emb(out.hidden[0].float()), 0),
                                                        self.hidden(batch.hidden[0], 0), mask)
@@ -68,7 +68,8 @@ class TinyBERT(Method):
                 sq, sk, _ = out.factors[s]
                 tq, tk, _ = batch.factors[t]
                 s_scores = causal_scores(sq, sk, out.scaling, tq.shape[1], out.masks.get(s), out.softcaps.get(s))
-                t_scores = causal_scores(tq, tk, t_scale, sq.shape[1], self.ctx.teacher_mask(t, tq.shape[2], tq.device),
+                t_mask = self.ctx.teacher_mask(t, tq.shape[2], tq.device, batch.signal_positions)
+                t_scores = causal_scores(tq, tk, t_scale, sq.shape[1], t_mask,
                                          self.ctx.teacher_attention_softcap)
                 att = att + F.mse_loss(s_scores, t_scores)
             terms["att"] = p["alpha_att"] * att

@@ -61,11 +61,11 @@ class UniversalKD(Method):
 
     def loss(self, batch, out, step):
         how = self.params["pooling"]
-        t = torch.stack([self.ground(n, pool(batch.hidden[i].float(), batch.mask, how))
+        t = torch.stack([self.ground(n, pool(batch.hidden[i].float(), batch.layer_mask, how))
                          for n, i in enumerate(self.teacher_layers)], 1)  # [B, L', u]
         total = 0.0
         for g, j in zip(self.ground_student, self.student_layers()):
-            s = g(pool(out.hidden[j].float(), batch.mask, how))  # [B, u]
+            s = g(pool(out.hidden[j].float(), batch.layer_mask, how))  # [B, u]
             t_logp, s_logp = F.log_softmax(attend_layers(t, s), -1), F.log_softmax(s, -1)
             total = total + (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
         return {"universal": total}
