@@ -9,7 +9,9 @@ cache with what TinyBERT, MiniLMv2 and PKD read for a 2-layer student (hidden st
 factors of blocks 15 and 30), and one cache per reduction x at `--signal-budget` = exact bytes / x. The same
 student (`teacher:layers=2,hidden=128`), seed, steps and held-out units train with tinybert+kd, minilmv2+kd and
 pkd+kd from each; the exact cache also with seed 1, for the spread that the data order alone makes; and, at
-the `--ablate` reduction, the ladder's order reversed (every channel in int8, fewer sequences), at the same bytes. Printed and
+the `--ablate` reduction, the ladder's order reversed (every channel in int8, fewer sequences) and fewer
+positions of every sequence instead of fewer sequences (`--position-fraction`, one position in each of P
+strata or `--position-spans` contiguous spans), at the same bytes. Printed and
 written to DIR: held-out KL and perplexity per run (signal_budget.json, .md) and KL against stored bytes of
 hidden states and attention per token (signal_budget.png). Each run is kept: the bench resumes.
 """
@@ -40,7 +42,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--reductions", default="2,6,24,48")
-    ap.add_argument("--ablate", default="24", help="the reduction also stored at every channel, fewer sequences ('' for none)")
+    ap.add_argument("--ablate", default="24",
+                    help="the reduction also stored the ways --ablations names ('' for none)")
+    ap.add_argument("--ablations", default="every-channel,positions,spans:1,spans:2",
+                    help="what --ablate stores: every-channel, positions, spans:S")
     ap.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 for the exact cache (and --seeded's)")
     ap.add_argument("--seeded", default="", help="a reduction also trained at every seed, compared mean to mean")
     ap.add_argument("--methods", default=",".join(METHODS), help="the methods to train now (the report shows all kept)")
@@ -59,21 +64,32 @@ def main() -> None:
     caches = {"exact": {}} | {f"1/{x}": dict(signal_budget=exact_bytes / float(x)) for x in args.reductions.split(",")}
     # the ladder keeps a quarter of the width before it drops sequences; the other way round at the same bytes:
     # every channel (int8) for fewer sequences
-    if args.ablate:
+    if args.ablate and "every-channel" in args.ablations:
         full = budget.Settings("int8", 0, "int8")
         rows = int(exact_bytes / float(args.ablate) // (sum(budget.bytes_per_token(full, shapes).values()) / 32))
         caches[f"1/{args.ablate} every channel"] = dict(hidden_codec="int8", attention_codec="int8",
                                                         signal_fraction=rows / 32)
+    # and fewer positions of every sequence instead of fewer sequences, at the ladder's quarter of the width: one
+    # position in each of P strata, or P positions in S contiguous spans (`--ablations spans:S`)
+    quarter = budget.Settings("int8", c.hidden_size // 4, "int8")
+    per_position = (sum(budget.bytes_per_token(quarter, shapes).values()) + budget.POSITION_BYTES) / args.seq_len
+    positions = int(exact_bytes / float(args.ablate or 1) // per_position)
+    for kind in (a for a in args.ablations.split(",") if args.ablate and (a == "positions" or a.startswith("spans:"))):
+        spans = int(kind.split(":")[1]) if kind != "positions" else 0
+        name = f"1/{args.ablate} {positions} positions" + (f" in {spans} span" + "s" * (spans > 1) if spans else "")
+        caches[name] = dict(hidden_rank=c.hidden_size // 4, attention_codec="int8",
+                            position_fraction=positions / args.seq_len, position_spans=spans)
     info = {}
     for name, flags in caches.items():
-        out = work / name.replace("1/", "budget-").replace(" every channel", "-full-width")
+        out = work / name.replace("1/", "budget-").replace(" every channel", "-full-width").replace(" ", "-")
         if not (out / "zarr.json").exists():
             start = time.perf_counter()
             extract(ExtractConfig(out=str(out), **flags, **common), model, tokenizer)
             print(f"extracted {name} in {time.perf_counter() - start:.0f} s", flush=True)
         summary = cache_summary(str(out))
         m = summary["manifest"]["signals"]
-        raw = budget.Settings(m["hidden_codec"], m["hidden_rank"], m["attention_codec"], "float16", m["signal_sequences"])
+        raw = budget.Settings(m["hidden_codec"], m["hidden_rank"], m["attention_codec"], "float16",
+                              m["signal_sequences"], m.get("signal_positions", 0))
         info[name] = {"path": str(out), "budget": flags.get("signal_budget"), "stored": summary["signal_bytes_per_token"],
                       "raw": sum(budget.bytes_per_token(raw, shapes).values()),
                       "settings": describe_signals(m).split("hidden layers: ")[1]}
@@ -112,20 +128,23 @@ def seed_mean(results: dict, method: str, name: str, seeds: int) -> float | None
     return None if None in kls else sum(kls) / seeds
 
 
+def against(results: dict, run: str, ref: str) -> str:
+    """A run's held-out KL and its difference from the reference run's ('-' for a run not trained)."""
+    if run not in results or ref not in results:
+        return "-"
+    r, base = results[run]["eval/kl_teacher"], results[ref]["eval/kl_teacher"]
+    return f"{r:.4f} ({100 * (r / base - 1):+.2f}%)"
+
+
 def markdown(info: dict, results: dict, seeds: int) -> str:
     lines = ["| cache | settings | hidden + attention B/token, raw / stored | " +
              " | ".join(f"{m}+kd KL (vs exact)" for m in METHODS) + " |", "|---|---|---|" + "---|" * len(METHODS)]
     for name, cache in info.items():
         cells = []
-        for m in METHODS:
-            r, ref = results[f"{m}+kd @ {name}"], results[f"{m}+kd @ exact"]
-            cells.append(f"{r['eval/kl_teacher']:.4f} ({100 * (r['eval/kl_teacher'] / ref['eval/kl_teacher'] - 1):+.2f}%)")
+        cells = [against(results, f"{m}+kd @ {name}", f"{m}+kd @ exact") for m in METHODS]
         lines.append(f"| {name} | {cache['settings']} | {cache['raw']:,.0f} / {cache['stored']:,.0f} | "
                      + " | ".join(cells) + " |")
-    cells = []
-    for m in METHODS:
-        r, ref = results[f"{m}+kd @ exact seed 1"], results[f"{m}+kd @ exact"]
-        cells.append(f"{r['eval/kl_teacher']:.4f} ({100 * (r['eval/kl_teacher'] / ref['eval/kl_teacher'] - 1):+.2f}%)")
+    cells = [against(results, f"{m}+kd @ exact seed 1", f"{m}+kd @ exact") for m in METHODS]
     lines.append("| exact, seed 1 | the spread of another data order and initialization | | " + " | ".join(cells) + " |")
     for name in info:
         if name == "exact" or seeds < 3:
@@ -149,10 +168,13 @@ def plot(info: dict, results: dict, png: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method, color in zip(METHODS, ("#4c72b0", "#dd8452", "#55a868")):
-        names = [n for n in info if n != "exact" and "every channel" not in n]
+        names = [n for n in info if n != "exact" and " " not in n and f"{method}+kd @ {n}" in results]  # the ladder
         xs = [info[n]["stored"] for n in names]
         ys = [results[f"{method}+kd @ {n}"]["eval/kl_teacher"] for n in names]
         ax.plot(xs, ys, "o-", color=color, label=f"{method}+kd, --signal-budget")
+        for n in (n for n in info if n.endswith("positions") and f"{method}+kd @ {n}" in results):
+            ax.plot([info[n]["stored"]], [results[f"{method}+kd @ {n}"]["eval/kl_teacher"]], "x", color=color,
+                    markersize=9, label=f"{method}+kd, {n.split(' ', 1)[1]} of every sequence")
         ax.plot([info["exact"]["stored"]], [results[f"{method}+kd @ exact"]["eval/kl_teacher"]], "*", color=color,
                 markersize=13, label=f"{method}+kd, exact float16")
     ax.set_xscale("log")

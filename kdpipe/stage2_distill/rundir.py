@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from kdpipe.errors import UserError
 from kdpipe.jsonfile import read_json, write_json
