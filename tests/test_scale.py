@@ -100,6 +100,19 @@ def test_two_ranks_with_a_signal_budget_equal_one_rank(budget_baseline, teachers
     assert_same_store(tmp_path / "cache", budget_baseline)
 
 
+def test_two_ranks_at_some_positions_of_every_sequence_equal_one_rank(teachers, corpus, tmp_path):
+    """The positions are a function of (seed, unit, lengths): each rank draws its own units' the same."""
+    flags = ["--hidden-rank", "16", "--attention-codec", "int8", "--position-fraction", "0.25", "--position-spans", "2"]
+    one = kdpipe_extract(teachers["llama"], corpus, tmp_path / "one", *flags)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert TeacherCache(tmp_path / "one").manifest.position_subsampled
+    port = str(29500 + (os.getpid() + 11) % 2000)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    two = kdpipe_extract(teachers["llama"], corpus, tmp_path / "two", "--engine", "deepspeed", *flags, launcher=cmd)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert_same_store(tmp_path / "two", tmp_path / "one")
+
+
 @pytest.mark.parametrize("crash", ["0:mid", "4:after"])
 def test_sigkill_with_a_signal_budget_then_resume_equals_uninterrupted(crash, budget_baseline, teachers, corpus,
                                                                       tmp_path):
