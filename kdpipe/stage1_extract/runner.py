@@ -19,7 +19,7 @@ from kdpipe.stage1_extract.logits import HeadTap, LogitSignals, LogitSpec
 from kdpipe.storage.codecs import bitround, quantize_logprobs
 from kdpipe.storage.manifest import Manifest
 from kdpipe.storage.attention import gather_time
-from kdpipe.storage.schema import attention_name, draw_positions, hidden_name, id_dtype
+from kdpipe.storage.schema import attention_name, draw_positions, hidden_name, id_dtype, positions_dtype
 from kdpipe.storage.codes import Codecs
 from kdpipe.storage.signal_codec import HiddenCodec, quantize
 from kdpipe.storage.topk_codec import encode as encode_topk, ranks_of
@@ -168,7 +168,7 @@ class UnitRunner:
         pick = lambda x, time_dim: rows(x)  # noqa: E731
         if positions is not None:  # and of those rows, the drawn positions only: [b, T, ...] -> [b, P, ...]
             pos = positions[np.asarray(cap.rows)[where]]
-            out["tokens/signal_positions"] = pos.astype(np.int16 if self.m.data.seq_len < 2 ** 15 else np.int32)
+            out["tokens/signal_positions"] = pos.astype(positions_dtype(self.m))
             at = torch.from_numpy(pos).to(self.device)
             pick = lambda x, time_dim: gather_time(rows(x), at, time_dim)  # noqa: E731
         for layer in s.hidden_layers:

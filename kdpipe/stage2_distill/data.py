@@ -296,6 +296,19 @@ def open_caches(paths: list[str], allow_partial: bool) -> list[TeacherCache]:
     return caches
 
 
+def signal_layout(cache: TeacherCache) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each sequence's row in a cache's hidden-state and attention arrays, and those rows' positions (None: every
+    position)."""
+    rows = cache.signal_rows()
+    return rows, cache.signal_positions(rows[rows >= 0])
+
+
+def same_layout(a: tuple[np.ndarray, np.ndarray | None], b: tuple[np.ndarray, np.ndarray | None]) -> bool:
+    (rows_a, pos_a), (rows_b, pos_b) = a, b
+    return np.array_equal(rows_a, rows_b) and (pos_a is None) == (pos_b is None) and (
+        pos_a is None or np.array_equal(pos_a, pos_b))
+
+
 def check_teachers(caches: list[TeacherCache], methods, student_vocab: int | None = None) -> None:
     """Every method's needs against every cache; the logits a method reads must be over the student's
     vocabulary: the same tokenizer and the same number of logits, for every teacher."""
@@ -305,18 +318,14 @@ def check_teachers(caches: list[TeacherCache], methods, student_vocab: int | Non
     first = caches[0].manifest
     layered = [i for i in range(len(caches)) if any(mt.teacher_needs(i) != Needs() and (
         mt.teacher_needs(i).hidden or mt.teacher_needs(i).factors or mt.teacher_needs(i).attention) for mt in methods)]
-    def same_positions(c: TeacherCache) -> bool:
-        a, b = c.signal_positions(c.signal_rows()[c.signal_rows() >= 0]), caches[0].signal_positions(
-            caches[0].signal_rows()[caches[0].signal_rows() >= 0])
-        return (a is None) == (b is None) and (a is None or np.array_equal(a, b))
-
-    sub = any(caches[i].manifest.subsampled or caches[i].manifest.position_subsampled for i in layered)
-    if len(layered) > 1 and sub and (layered[0] != 0 or any(
-            not np.array_equal(caches[i].signal_rows(), caches[0].signal_rows()) or not same_positions(caches[i])
-            for i in layered)):
-        raise UserError(f"the hidden states or attention of {caches[layered[-1]].path} and {caches[0].path} come from "
-                        f"different sequences or positions (--signal-budget / --signal-fraction / "
-                        f"--position-fraction): extract every teacher with the same signal settings, --seed and --sequences-per-unit")
+    if len(layered) > 1 and any(caches[i].manifest.subsampled or caches[i].manifest.position_subsampled
+                                for i in layered):
+        base = signal_layout(caches[0])
+        if layered[0] != 0 or any(not same_layout(signal_layout(caches[i]), base) for i in layered):
+            raise UserError(f"the hidden states or attention of {caches[layered[-1]].path} and {caches[0].path} come "
+                            f"from different sequences or positions (--signal-budget / --signal-fraction / "
+                            f"--position-fraction): extract every teacher with the same signal settings, --seed and "
+                            f"--sequences-per-unit")
     for i, cache in enumerate(caches):
         check_needs(methods, cache.manifest, cache.path, i)
         reads_logits = any(mt.teacher_needs(i).topk or mt.teacher_needs(i).sampled for mt in methods)

@@ -101,7 +101,8 @@ class SignalSpec:
     # each channel's calibrated scale, projected to `hidden_rank` dimensions (0: all) and quantized per vector;
     # "int8" attention factors per (token, head) vector; `signal_sequences` of every work unit carry hidden
     # states and attention (0: all of them), at `signal_positions` of each sequence's positions (0: all; format
-    # version 3: a stratified draw per sequence, stored in `tokens/signal_positions`). The budget asked for, and
+    # version 3: drawn per sequence, one per stratum or in `position_spans` contiguous spans, stored in
+    # `tokens/signal_positions`). The budget asked for, and
     # the error each layer's encoding measured on the calibration tokens (relative squared error, channel-scaled
     # hidden states / factors), are recorded.
     hidden_codec: str = "float16"
@@ -218,8 +219,7 @@ class Manifest:
     @property
     def subsampled(self) -> bool:
         """Hidden states and attention are stored for some sequences only (`tokens/signal_row` says which)."""
-        return self.signal_rows < self.layout.sequences_per_unit and bool(self.signals.hidden_layers
-                                                                          or self.signals.attention_layers)
+        return self.signal_rows < self.layout.sequences_per_unit and self.stores_layers
 
     @property
     def signal_positions(self) -> int:
@@ -229,8 +229,12 @@ class Manifest:
     @property
     def position_subsampled(self) -> bool:
         """Hidden states and attention are stored at some positions of a sequence only (`tokens/signal_positions`)."""
-        return self.signal_positions < self.data.seq_len and bool(self.signals.hidden_layers
-                                                                  or self.signals.attention_layers)
+        return self.signal_positions < self.data.seq_len and self.stores_layers
+
+    @property
+    def stores_layers(self) -> bool:
+        """The cache holds hidden states or attention."""
+        return bool(self.signals.hidden_layers or self.signals.attention_layers)
 
     @property
     def compact_topk(self) -> bool:

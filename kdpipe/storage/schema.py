@@ -100,6 +100,11 @@ def draw_positions(m: Manifest, unit: int, lengths: np.ndarray) -> np.ndarray:
     return np.where(lengths >= p, pos, np.arange(p)[None, :]).clip(0, t - 1)
 
 
+def positions_dtype(m: Manifest) -> str:
+    """`tokens/signal_positions`' dtype: int16 holds the positions of sequences below 32,768 tokens."""
+    return "int16" if m.data.seq_len < 2 ** 15 else "int32"
+
+
 def positions_problem(m: Manifest, pos: np.ndarray) -> str | None:
     """Why stored `tokens/signal_positions` rows cannot be this manifest's (each row P ascending positions in
     [0, T)), or None: a cache is input, and the positions index the student's states."""
@@ -184,8 +189,7 @@ def signal_specs(m: Manifest) -> list[ArraySpec]:
     rows = dict(unit_rows=unit_rows)
     if m.position_subsampled:  # hidden states and attention at P positions of each sequence (draw_positions)
         t = m.signal_positions
-        specs.append(ArraySpec("tokens/signal_positions", (n, t), "int16" if m.data.seq_len < 2 ** 15 else "int32",
-                               "raw", **rows))
+        specs.append(ArraySpec("tokens/signal_positions", (n, t), positions_dtype(m), "raw", **rows))
     for layer in s.hidden_layers:
         name = hidden_name(layer)
         if s.hidden_codec == "int8":
