@@ -38,6 +38,7 @@ SIGNALS = dict(hidden_layers="0,15,30", attention_layers="15,30", attention_form
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--data", action="append", help="the corpus (files or globs; default: the shipped Sonnets)")
     ap.add_argument("--sequences", type=int, default=384)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=200)
@@ -59,7 +60,7 @@ def main() -> None:
     shapes = budget.Shapes(c.hidden_size, 3, 2, c.num_attention_heads, c.num_key_value_heads,
                            c.hidden_size // c.num_attention_heads, args.seq_len, "factors", 32)
     exact_bytes = sum(budget.bytes_per_token(budget.Settings(), shapes).values())
-    common = dict(teacher=str(path), data=[str(DEMO_CORPUS)], seq_len=args.seq_len, batch_size=8, top_k=64,
+    common = dict(teacher=str(path), data=args.data or [str(DEMO_CORPUS)], seq_len=args.seq_len, batch_size=8, top_k=64,
                   max_sequences=args.sequences, sequences_per_unit=32, quiet=True, **SIGNALS)
     caches = {"exact": {}} | {f"1/{x}": dict(signal_budget=exact_bytes / float(x)) for x in args.reductions.split(",")}
     # the ladder keeps a quarter of the width before it drops sequences; the other way round at the same bytes:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import click
 
+from kdpipe.console import quiet_libraries
 from kdpipe.errors import UserError
 from kdpipe.pipeline.report import cache_summary
-from kdpipe.modelio import smollm2_gguf
+from kdpipe.modelio import load_teacher, resolve_teacher, smollm2_gguf
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
 from kdpipe.jsonfile import read_json, write_json
 from kdpipe.stage2_distill.evaluate import evaluate_model
@@ -67,10 +68,22 @@ def run_demo(out: str, sequences: int, seq_len: int, steps: int, quiet: bool) ->
     previous = read_manifest(cache) if Path(cache).exists() else None
     same = (previous is not None and previous.data.seq_len == seq_len and previous.data.num_sequences == sequences
             and previous.signals.sampler == "systematic")  # a demo cache of kdpipe 0.2's draws is made again
+    # the teacher loads once, for extraction and its own evaluation (loading the GGUF is most of a small
+    # demo's time), and not at all by a rerun that has neither to do
+    loaded = []
+    if quiet:
+        quiet_libraries()
+
+    def teacher_model():
+        if not loaded:
+            loaded.append(load_teacher(resolve_teacher(str(teacher))))
+        return loaded[0]
+
+    complete = same and previous.complete
     extracted = extract(ExtractConfig(
         teacher=str(teacher), data=[str(DEMO_CORPUS)], out=cache, seq_len=seq_len, batch_size=8, top_k=64,
         temperatures=[1.0, 2.0], sample_count=32, hidden_layers="uniform:3", max_sequences=sequences,
-        resume=same, overwrite=not same, quiet=quiet))
+        resume=same, overwrite=not same, quiet=quiet), None if complete else teacher_model())
     checked = verify(cache)
     if not checked.ok:
         raise UserError(f"the demo cache failed verification: {checked.problems[0]}")
@@ -92,7 +105,7 @@ def run_demo(out: str, sequences: int, seq_len: int, steps: int, quiet: bool) ->
     # the teacher on the same held-out sequences: the baseline the student distils toward (its KL to its own
     # cache is ~0 and its top-1 agreement 100%, which also checks the cache against the model)
     teacher_eval = old.get("teacher") if trained.already_finished and old.get("teacher") else \
-        evaluate_model(str(teacher), cache, str(run_dir), None, 8, "cpu")
+        evaluate_model(str(teacher), cache, str(run_dir), None, 8, "cpu", teacher_model())
     report = {
         "cache": cache, "cache_bytes_by_signal": groups, "tokens": summary["manifest"]["data"]["num_tokens"],
         "extract_tokens_per_s": extracted.tokens_per_second if extracted.tokens_written

@@ -73,9 +73,10 @@ def held_out_units(run_dir: Path, cache: TeacherCache) -> list[int]:
 
 
 def evaluate_model(model_path: str, cache_path: str, run_dir: str | None, max_sequences: int | None,
-                   batch_size: int, device: str) -> dict[str, float]:
+                   batch_size: int, device: str, model=None) -> dict[str, float]:
     """`kdpipe eval`: any causal LM (a saved student, or a teacher: a model directory or a .gguf file) against
-    a cache: the held-out units of a `kdpipe distill` run, or all of its sequences."""
+    a cache: the held-out units of a `kdpipe distill` run, or all of its sequences. A caller that has the model
+    loaded already (the demo, from extraction) passes it; `model_path` then only names it."""
     source = resolve_teacher(model_path, "model")  # paths first, before anything loads
     cache = TeacherCache(cache_path)
     if run_dir:
@@ -84,7 +85,7 @@ def evaluate_model(model_path: str, cache_path: str, run_dir: str | None, max_se
         units = np.flatnonzero(cache.units_done()).tolist()
     if not units or max_sequences == 0 or batch_size <= 0:
         raise UserError("no sequences to evaluate on (check --run, --max-sequences and --batch-size)")
-    model = load_teacher(source, device=device)
+    model = load_teacher(source, device=device) if model is None else model
     vocab = model.get_output_embeddings().weight.shape[0]
     if vocab != cache.manifest.teacher.vocab_size:
         raise UserError(f"{model_path} has a vocabulary of {vocab}, the cache's teacher "
