@@ -17,6 +17,7 @@ from that batch side by side, so the online reference costs one teacher pass, no
   hybrid      the exact top-64 for the head, the draws that land outside it for the tail (bench only);
   hybrid8     the same with the top-8 as the head;
   systematic  m=12 systematic draws (`--sampler systematic`), count frequencies;
+  systematicM the same with M draws (e.g. systematic24): how the gap to online scales with m;
   RUN-noclip  any run above without the gradient-norm clipping at 1.0 that the others share.
 The cached signals are what `kdpipe extract --top-k 64 --sample-count 12` stores: computed by its own
 `LogitSignals` from the teacher's logits, the draws seeded per sequence as extraction seeds them, the drawn ids'
@@ -53,7 +54,16 @@ from kdpipe.storage.codecs import dequantize_logprobs, quantize_logprobs  # noqa
 RUNS = ("online", "bucket", "sampled", "sampled_ht", "hybrid", "hybrid8", "systematic")
 
 
-def loss_of(run: str, logits, t_logits, sig: LogitSignals, t_logp, sys_sig: LogitSignals | None) -> torch.Tensor:
+def draws_of(run: str) -> int | None:
+    """M of a `systematicM` run (None for any other)."""
+    run = run.removesuffix("-noclip")
+    return int(run[len("systematic"):]) if run.startswith("systematic") and run[len("systematic"):].isdigit() else None
+
+
+def loss_of(run: str, logits, t_logits, sig: LogitSignals, t_logp, sys_sig: dict) -> torch.Tensor:
+    if draws_of(run):
+        drawn = sys_sig[draws_of(run)]
+        return sampled_cross_entropy(logits, drawn.sampled_ids, drawn.sampled_counts)
     run = run.removesuffix("-noclip")
     if run == "online":
         return full_kl(t_logits, logits)
@@ -62,7 +72,7 @@ def loss_of(run: str, logits, t_logits, sig: LogitSignals, t_logp, sys_sig: Logi
     if run == "sampled":
         return sampled_cross_entropy(logits, sig.sampled_ids, sig.sampled_counts)
     if run == "systematic":
-        return sampled_cross_entropy(logits, sys_sig.sampled_ids, sys_sig.sampled_counts)
+        return sampled_cross_entropy(logits, sys_sig[0].sampled_ids, sys_sig[0].sampled_counts)
     if run in ("hybrid", "hybrid8"):
         k = 8 if run == "hybrid8" else 64  # torch.topk's order: the first k are the top-k
         return topk_and_tail_draws(logits, sig.topk_ids[..., :k], sig.topk_values[..., :k], sig.sampled_ids,
@@ -85,7 +95,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     runs = [r for r in args.runs.split(",") if r]
-    unknown = [r for r in runs if r.removesuffix("-noclip") not in RUNS]
+    unknown = [r for r in runs if r.removesuffix("-noclip") not in RUNS and not draws_of(r)]
     if unknown:
         raise SystemExit(f"unknown runs {unknown}: choose from {RUNS}, each optionally with -noclip")
 
@@ -108,8 +118,10 @@ def main() -> None:
     trained = {run: new_student(info, args) for run in runs}  # (student, optimizer, schedule)
     spec = LogitSpec(top_k=64, temperatures=[1.0], vocab_size=info.vocab_size, sample_count=args.sample_count,
                      seed=0)
-    sys_spec = dataclasses.replace(spec, top_k=1, sampler="systematic")
-    systematic = any(r.removesuffix("-noclip") == "systematic" for r in runs)
+    # the systematic draws each run needs: m = --sample-count for `systematic` (key 0), M for `systematicM`
+    sys_specs = {m: dataclasses.replace(spec, top_k=1, sampler="systematic", sample_count=m or args.sample_count)
+                 for m in sorted({0 if r.removesuffix("-noclip") == "systematic" else draws_of(r) for r in runs}
+                                 - {None})}
     seconds = {r: 0.0 for r in ["teacher", *runs]}
     norms = {r: [] for r in runs}  # gradient norms before clipping
     for step in range(args.steps):
@@ -121,9 +133,9 @@ def main() -> None:
             sig = LogitSignals(spec)
             sig.compute(t_logits.clone(), lambda h: h, index.tolist())
             t_logp = torch.from_numpy(dequantize_logprobs(quantize_logprobs(sig.sampled_logprobs.numpy())))
-            sys_sig = LogitSignals(sys_spec) if systematic else None
-            if sys_sig is not None:
-                sys_sig.compute(t_logits.clone(), lambda h: h, index.tolist())
+            sys_sig = {m: LogitSignals(sp) for m, sp in sys_specs.items()}
+            for drawn in sys_sig.values():
+                drawn.compute(t_logits.clone(), lambda h: h, index.tolist())
         seconds["teacher"] += time.perf_counter() - start
         for run in runs:
             start = time.perf_counter()
