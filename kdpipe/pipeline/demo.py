@@ -69,21 +69,15 @@ def run_demo(out: str, sequences: int, seq_len: int, steps: int, quiet: bool) ->
     same = (previous is not None and previous.data.seq_len == seq_len and previous.data.num_sequences == sequences
             and previous.signals.sampler == "systematic")  # a demo cache of kdpipe 0.2's draws is made again
     # the teacher loads once, for extraction and its own evaluation (loading the GGUF is most of a small
-    # demo's time), and not at all by a rerun that has neither to do
-    loaded = []
+    # demo's time); a rerun with a complete cache leaves it to the evaluation, which loads it if it must
     if quiet:
         quiet_libraries()
-
-    def teacher_model():
-        if not loaded:
-            loaded.append(load_teacher(resolve_teacher(str(teacher))))
-        return loaded[0]
-
     complete = same and previous.complete
+    model = None if complete else load_teacher(resolve_teacher(str(teacher)))
     extracted = extract(ExtractConfig(
         teacher=str(teacher), data=[str(DEMO_CORPUS)], out=cache, seq_len=seq_len, batch_size=8, top_k=64,
         temperatures=[1.0, 2.0], sample_count=32, hidden_layers="uniform:3", max_sequences=sequences,
-        resume=same, overwrite=not same, quiet=quiet), None if complete else teacher_model())
+        resume=same, overwrite=not same, quiet=quiet), model)
     checked = verify(cache)
     if not checked.ok:
         raise UserError(f"the demo cache failed verification: {checked.problems[0]}")
@@ -105,7 +99,7 @@ def run_demo(out: str, sequences: int, seq_len: int, steps: int, quiet: bool) ->
     # the teacher on the same held-out sequences: the baseline the student distils toward (its KL to its own
     # cache is ~0 and its top-1 agreement 100%, which also checks the cache against the model)
     teacher_eval = old.get("teacher") if trained.already_finished and old.get("teacher") else \
-        evaluate_model(str(teacher), cache, str(run_dir), None, 8, "cpu", teacher_model())
+        evaluate_model(str(teacher), cache, str(run_dir), None, 8, "cpu", model)
     report = {
         "cache": cache, "cache_bytes_by_signal": groups, "tokens": summary["manifest"]["data"]["num_tokens"],
         "extract_tokens_per_s": extracted.tokens_per_second if extracted.tokens_written
