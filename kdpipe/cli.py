@@ -91,8 +91,9 @@ def cli() -> None:
 @click.option("--batch-size", type=int, default=8, help="Sequences per teacher forward.")
 @click.option("--top-k", type=int, default=64, help="Logits kept per position.")
 @click.option("--logit-codec", type=click.Choice(["compact", "float16"]), default="compact",
-              help="compact: ranked ids and 8-bit log-probabilities (within 1/4 nat, ~98 B/token at k=64); float16: "
-                   "ids in logit order and float16 log-probabilities (~197 B/token), as kdpipe 0.2 wrote.")
+              help="compact: ranked ids and 8-bit log-probabilities (within 1/4 nat, ~98 B/token at k=64), draws as "
+                   "ranked ids and uint8 counts (~28 B/token at M=12); float16: ids in logit order and float16 "
+                   "log-probabilities (~197 B/token), raw uint16 draws (~35), as kdpipe 0.4 wrote.")
 @click.option("--temperatures", default="1,2", help="Temperatures whose full-vocabulary logsumexp is stored (1 always is).")
 @click.option("--sample-count", type=int, default=0, help="Draws per position from the teacher distribution (0: off).")
 @click.option("--sample-temperature", type=float, default=1.0, help="Temperature of the sampled draws.")

@@ -158,7 +158,7 @@ LOGIT_PASSES, PASSES_PER_TEMPERATURE, SAMPLING_PASSES = 6, 3, 4
 # T = 1,2; sampled: M=12), since compression depends on the teacher and the text and a plan cannot run either
 LOGITS_NOTE = {"compact top-k": "compact top-k, measured ~98 B/token after compression (SmolLM2, k=64, real text)",
                "float16 top-k": "float16 top-k, measured ~197 B/token after compression (SmolLM2, k=64, real text)",
-               "sampled": "importance-sampled, measured ~33 B/token after compression (SmolLM2, M=12, real text)"}
+               "sampled": "importance-sampled, measured ~28 B/token after compression (SmolLM2, M=12, real text)"}
 
 
 def make_plan(c: PlanConfig) -> Plan:
@@ -184,13 +184,17 @@ def make_plan(c: PlanConfig) -> Plan:
     # cache bytes per token, exact before compression
     ids = 2 if vocab <= 65536 else 4
     compact = c.logit_codec == "compact" and c.top_k > 0
+    compact_sampled = c.logit_codec == "compact" and c.sample_count > 0
     if compact:  # rank gaps and 8-bit levels; float32 logsumexp at T=1, float16 log-norms and log tails
         logit_bytes = c.top_k * (ids + 1) + 4 + 2 * (c.temperatures - 1) + 2 * c.temperatures
+    elif compact_sampled and not c.top_k:  # draws alone: float32 logsumexp at T=1, float16 log-norms
+        logit_bytes = 4 + 2 * (c.temperatures - 1)
     else:  # top-k ids and float16 log-probabilities; float32 logsumexp and log tail mass per temperature
         logit_bytes = c.top_k * (ids + 2) + (8 if c.top_k else 4) * c.temperatures
     per_token = {"tokens": 4 + 4 / c.seq_len, "logits": logit_bytes}
-    if c.sample_count:  # distinct ids, uint16 counts, 8-bit log-probabilities
-        per_token["sampled"] = min(c.sample_count, vocab) * (ids + 3)
+    if c.sample_count:  # distinct ids (rank gaps), counts (uint8 compact, uint16 raw), 8-bit log-probabilities
+        counts = (1 if c.sample_count <= 255 else 2) if compact_sampled else 2
+        per_token["sampled"] = min(c.sample_count, vocab) * (ids + counts + 1)
     n_hidden = len(parse_layers(c.hidden_layers, layers, 0, "hidden"))
     n_attn = len(parse_layers(c.attention_layers, layers, 1, "attention"))
     shapes = budget.Shapes(h, n_hidden, n_attn, heads, kv, d, c.seq_len, c.attention_form if n_attn else None,
@@ -203,7 +207,7 @@ def make_plan(c: PlanConfig) -> Plan:
     logit_mode = "sampled" if not c.top_k else ("compact top-k" if compact else "float16 top-k")
     sequences = math.ceil(c.tokens / c.seq_len)
     cache_bytes = {k: v * sequences * c.seq_len for k, v in per_token.items()}
-    if compact:
+    if compact or compact_sampled:
         cache_bytes["logits"] += vocab * ids  # the rank -> id table, once
     if signals.hidden_codec == "int8":  # each layer's channel code and projection, once
         cache_bytes["hidden"] += n_hidden * h * (2 + signals.hidden_rank) * 4

@@ -63,7 +63,8 @@ def _listed(values: list) -> str:
 
 
 def describe_signals(sig: dict[str, Any]) -> str:
-    sampled = (f"{plural(sig['sample_count'], 'draw')} per position ({sig.get('sampler', 'multinomial')})"
+    coded = "compact: ranked ids, 8-bit counts" if sig.get("sampled_codec", "raw") != "raw" else "raw uint16 ids"
+    sampled = (f"{plural(sig['sample_count'], 'draw')} per position ({sig.get('sampler', 'multinomial')}; {coded})"
                if sig["sample_count"] else "none")
     hidden = f"{_listed(sig['hidden_layers'])} ({sig['hidden_dtype']})" if sig["hidden_layers"] else "none"
     if sig["hidden_layers"] and sig.get("hidden_codec") == "int8":

@@ -5,9 +5,10 @@ fit the hidden-state projections) once; those outputs are then written as unit 0
 calibration costs no forward of its own. Every rank runs the same batches (ZeRO-3 keeps ranks' forwards in
 step), rank 0 fits and stores the codes, and every rank (and every resumed run) encodes with the stored ones.
 
-- The compact top-k's rank table (storage.topk_codec): tokens by how often they are in the teacher's top-k on
-  these batches, then by corpus frequency (the first ~1M tokens), then by id. Counting over 8 sequences gets
-  within 4% of the bytes of a table counted over the whole cache (bench/RESULTS.md, "Compact top-k").
+- The rank table of the compact top-k and draws (storage.topk_codec, storage.sampled_codec): tokens by how often
+  they are in the teacher's top-k on these batches (in its draws, for a cache without a top-k), then by corpus
+  frequency (the first ~1M tokens), then by id. Counting over 8 sequences gets within 4% of the bytes of a
+  table counted over the whole cache (bench/RESULTS.md, "Compact top-k").
 - Each int8 hidden layer's channel center and scale, and its projection (storage.signal_codec), over the valid
   tokens of these batches; and each encoding's error on them, recorded in the manifest.
 """
@@ -34,7 +35,7 @@ CORPUS_SEQUENCES = 4096  # corpus frequencies from the first ~1M tokens (at 256 
 def calibration_sequences(m: Manifest) -> int:
     """How many of unit 0's sequences calibrate (0: nothing to calibrate)."""
     s = m.signals
-    if not (m.compact_topk or s.hidden_codec == "int8" or s.attention_codec == "int8"):
+    if not (m.ranked_ids or s.hidden_codec == "int8" or s.attention_codec == "int8"):
         return 0
     count = CALIBRATION_SEQUENCES
     if s.hidden_codec == "int8" and s.hidden_layers:
@@ -56,10 +57,14 @@ def calibrate(m: Manifest, held: list[Captured], tokens, lengths: np.ndarray, de
     valid = [torch.arange(m.data.seq_len)[None, :] < torch.from_numpy(lengths[c.rows.start:c.rows.stop])[:, None]
              for c in held]
     out = Calibration(Codecs())
-    if m.compact_topk:
+    if m.ranked_ids:
         topk_counts = np.zeros(vocab, np.int64)
         for cap, mask in zip(held, valid):
-            topk_counts += np.bincount(cap.logits["topk_ids"][mask].numpy().ravel(), minlength=vocab)[:vocab]
+            if s.top_k:
+                ids = cap.logits["topk_ids"][mask]
+            else:  # the distinct ids drawn
+                ids = cap.logits["sampled_ids"][mask][cap.logits["sampled_counts"][mask] > 0]
+            topk_counts += np.bincount(ids.numpy().ravel(), minlength=vocab)[:vocab]
         token_counts = np.zeros(vocab, np.int64)
         for b0 in range(0, min(CORPUS_SEQUENCES, len(lengths)), 256):
             rows = np.asarray(tokens[b0:b0 + 256])

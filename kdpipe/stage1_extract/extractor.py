@@ -29,6 +29,7 @@ from kdpipe.storage.budget import Shapes
 from kdpipe.storage.codes import read_codecs, read_signal_rows
 from kdpipe.storage.manifest import DataInfo, EngineInfo, Layout, Manifest, SignalSpec
 from kdpipe.storage.schema import array_specs, unit_range
+from kdpipe.storage.sampled_codec import CODEC as SAMPLED_CODEC
 from kdpipe.storage.topk_codec import CODEC, ERROR_BOUND
 from kdpipe.modelio import check_device, load_config
 from kdpipe.storage.lock import DirectoryLock, describe
@@ -323,6 +324,7 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
 
     per_unit = cfg.sequences_per_unit
     compact = cfg.logit_codec == "compact" and cfg.top_k > 0
+    compact_sampled = cfg.logit_codec == "compact" and cfg.sample_count > 0
     shapes = Shapes(teacher.hidden_size, len(hidden_layers), len(attention_layers), teacher.num_heads,
                     teacher.num_kv_heads, teacher.head_dim, cfg.seq_len,
                     cfg.attention_form if attention_layers else None, per_unit)
@@ -344,6 +346,7 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
                            sampler=cfg.sampler, seed=cfg.seed,
                            logtail=True, sampled_logprobs=bool(cfg.sample_count),
                            topk_codec=CODEC if compact else "float16", topk_error=ERROR_BOUND if compact else 0.0,
+                           sampled_codec=SAMPLED_CODEC if compact_sampled else "raw",
                            hidden_layers=hidden_layers, hidden_dtype=cfg.hidden_dtype,
                            hidden_keepbits=cfg.hidden_keepbits, attention_layers=attention_layers,
                            attention_form=cfg.attention_form if attention_layers else None,
@@ -357,9 +360,9 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
         layout=Layout(sequences_per_unit=per_unit, sequences_per_chunk=cfg.sequences_per_chunk or per_unit,
                       num_units=math.ceil(n / per_unit)),
         engine=engine,
-        # a kdpipe before 0.3 reads neither the compact top-k nor compressed signals, one before 0.4 no positions:
-        # it says to upgrade
-        version=3 if chosen.signal_positions else
+        # a kdpipe before 0.3 reads neither the compact top-k nor compressed signals, one before 0.4 no positions,
+        # one before 0.5 no compact draws: it says to upgrade
+        version=4 if compact_sampled else 3 if chosen.signal_positions else
         2 if compact or chosen != budget.Settings(attention_dtype=chosen.attention_dtype) else 1,
     )
     manifest.layout.codecs = {spec.name: spec.preset for spec in array_specs(manifest)}

@@ -22,6 +22,7 @@ from kdpipe.storage.attention import gather_time
 from kdpipe.storage.schema import attention_name, draw_positions, hidden_name, id_dtype, positions_dtype
 from kdpipe.storage.codes import Codecs
 from kdpipe.storage.signal_codec import HiddenCodec, quantize
+from kdpipe.storage.sampled_codec import encode as encode_sampled
 from kdpipe.storage.topk_codec import encode as encode_topk, ranks_of
 
 LOGIT_FIELDS = ("topk_ids", "topk_values", "logsumexp", "logtail", "sampled_ids", "sampled_counts",
@@ -62,7 +63,7 @@ class UnitRunner:
     def use(self, codecs: Codecs, signal_row: np.ndarray | None) -> None:
         """The store's codes and which sequences carry hidden states and attention (never recomputed: a resumed
         run and every rank encode with what it holds)."""
-        if self.m.compact_topk:
+        if self.m.ranked_ids:
             self.ranks = ranks_of(codecs.id_table)
         self.hidden_codecs = {layer: c.to(self.device) for layer, c in codecs.hidden.items()}
         self.signal_row = signal_row
@@ -142,25 +143,31 @@ class UnitRunner:
     def _encode(self, cap: Captured, chosen: np.ndarray, positions: np.ndarray | None) -> dict[str, np.ndarray]:
         s, sig = self.m.signals, cap.logits
         lse = sig["logsumexp"].cpu().numpy()
+        out = {}
         if self.m.compact_topk:
             out = dict(zip(("logits/topk_ids", "logits/topk_values"), encode_topk(
                 sig["topk_ids"].cpu().numpy(), sig["topk_values"].cpu().numpy(), self.ranks, self.ids_dtype)))
+            out["logits/logtail"] = sig["logtail"].cpu().numpy().astype(np.float16)
+        elif s.top_k:
+            out["logits/topk_ids"], out["logits/topk_values"] = self._topk_arrays(cap)
+            if s.logtail:  # a cache begun by an older kdpipe is resumed in its own format
+                out["logits/logtail"] = sig["logtail"].cpu().numpy()
+        if self.m.compact_normalizers:
             out["logits/logsumexp"] = lse[..., :1]
             if len(s.temperatures) > 1:  # log sum p^(1/T) = logsumexp_T - logsumexp_1 / T, small: float16 holds it
                 temps = np.asarray(s.temperatures[1:], np.float32)
                 out["logits/lognorm"] = (lse[..., 1:] - lse[..., :1] / temps).astype(np.float16)
-            out["logits/logtail"] = sig["logtail"].cpu().numpy().astype(np.float16)
         else:
-            out = {"logits/logsumexp": lse}
-            if s.top_k:
-                out["logits/topk_ids"], out["logits/topk_values"] = self._topk_arrays(cap)
-            if s.logtail and s.top_k:  # a cache begun by an older kdpipe is resumed in its own format
-                out["logits/logtail"] = sig["logtail"].cpu().numpy()
+            out["logits/logsumexp"] = lse
         if s.sample_count:
-            out["sampled/ids"] = sig["sampled_ids"].cpu().numpy().astype(self.ids_dtype)
-            out["sampled/counts"] = sig["sampled_counts"].cpu().numpy().astype(np.uint16)
-            if s.sampled_logprobs:
-                out["sampled/logprobs"] = quantize_logprobs(sig["sampled_logprobs"].cpu().numpy())
+            ids, counts = sig["sampled_ids"].cpu().numpy(), sig["sampled_counts"].cpu().numpy()
+            logp = quantize_logprobs(sig["sampled_logprobs"].cpu().numpy()) if s.sampled_logprobs else None
+            if self.m.compact_sampled:
+                ids, counts, logp = encode_sampled(ids, counts, logp, self.ranks, self.ids_dtype, s.sample_count)
+            out["sampled/ids"] = ids.astype(self.ids_dtype)
+            out["sampled/counts"] = counts if self.m.compact_sampled else counts.astype(np.uint16)
+            if logp is not None:
+                out["sampled/logprobs"] = logp
         # hidden states and attention of the batch's rows that carry them (all, unless subsampled)
         where = np.flatnonzero(np.isin(np.asarray(cap.rows), chosen))
         index = torch.from_numpy(where).to(self.device)

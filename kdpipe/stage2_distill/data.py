@@ -125,9 +125,9 @@ class UnitReader:
                 if self.cache.manifest.signals.logtail:
                     arrays["logtail"] = self.cache.logtail(index)
             if self.needs.sampled:
-                arrays["sampled_ids"], arrays["sampled_counts"] = self.cache.sampled(index)
-                if self.cache.manifest.signals.sampled_logprobs:
-                    arrays["sampled_logprobs"] = self.cache.sampled_logprobs(index)
+                arrays["sampled_ids"], arrays["sampled_counts"], logp = self.cache.draws(index)
+                if logp is not None:
+                    arrays["sampled_logprobs"] = logp
                 if "logsumexp" not in arrays:  # the importance weights at another temperature use them
                     arrays["logsumexp"] = self.cache.logsumexp(index)
             if self.reads_layers and self.cache.manifest.position_subsampled:

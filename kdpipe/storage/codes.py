@@ -22,7 +22,7 @@ class Codecs:
 
 
 def write_codecs(group: zarr.Group, m: Manifest, codecs: Codecs, writable) -> None:
-    if m.compact_topk:
+    if m.ranked_ids:
         writable(group, "logits/id_table")[:] = codecs.id_table
     if m.signals.hidden_codec == "int8":
         for layer in m.signals.hidden_layers:
@@ -35,7 +35,7 @@ def read_codecs(group: zarr.Group, m: Manifest, where: str) -> Codecs:
         return read_rows(open_array(group, name, where), name, slice(None), where)
 
     out = Codecs()
-    if m.compact_topk:
+    if m.ranked_ids:
         table = read("logits/id_table").astype(np.int64)
         if not np.array_equal(np.sort(table), np.arange(len(table))):  # a cache is input: every id once
             raise DamagedCache(f"{where}: logits/id_table is not a permutation of the vocabulary: re-extract it with "

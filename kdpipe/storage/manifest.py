@@ -1,4 +1,4 @@
-"""The teacher-cache manifest (group attribute `kdpipe`), format version 2 (1: a float16 top-k; both read).
+"""The teacher-cache manifest (group attribute `kdpipe`), format versions 1-4 (see VERSION), all read.
 
 The manifest is typed and validated on open: a store written by an unknown major version, or one
 whose manifest is damaged, is refused with a message instead of being misread.
@@ -20,9 +20,10 @@ from kdpipe.errors import UserError
 
 FORMAT = "kdpipe-cache"
 # 2: the compact top-k (signals.topk_codec) or compressed hidden states; 3: hidden states and attention at some
-# positions (signals.signal_positions), whose arrays an older kdpipe must not read as every position's. A cache
-# is written with the lowest version that holds it (a float16 cache is still version 1)
-VERSION = 3
+# positions (signals.signal_positions), whose arrays an older kdpipe must not read as every position's; 4: the
+# compact sampled draws (signals.sampled_codec), whose rank gaps an older kdpipe would read as ids. A cache is
+# written with the lowest version that holds it (a float16 cache is still version 1)
+VERSION = 4
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # a file name, never a path
 
 
@@ -86,6 +87,9 @@ class SignalSpec:
     # topk_error nats; "float16": ids in logit order and float16 log-probabilities (older caches)
     topk_codec: str = "float16"
     topk_error: float = 0.0
+    # "compact-v1" (kdpipe 0.5's default, storage.sampled_codec): the draws' ids as rank gaps, uint8 counts;
+    # "raw": uint16 ids in count order and uint16 counts (older caches)
+    sampled_codec: str = "raw"
     hidden_layers: list[int] = field(default_factory=list)
     hidden_dtype: str = "float16"  # "bfloat16" is stored as a uint16 view
     hidden_keepbits: int | None = None  # lossy mantissa rounding of hidden states, None = lossless
@@ -203,6 +207,7 @@ class Manifest:
             (s.sampler in ("multinomial", "systematic"), "signals.sampler"),
             (s.topk_codec in ("float16", "compact-v1") and s.topk_error >= 0
              and (s.topk_codec == "float16" or s.logtail), "signals.topk_codec"),  # compact: scaled to the tail
+            (s.sampled_codec in ("raw", "compact-v1"), "signals.sampled_codec"),
             (len(s.attention_windows) in (0, len(s.attention_layers)) and all(w >= 0 for w in s.attention_windows),
              "signals.attention_windows"),
             (all(SAFE_NAME.match(n) and size > 0 for n, size in self.tokenizer.files.items()), "tokenizer.files"),
@@ -241,6 +246,21 @@ class Manifest:
         """The top-k is stored in the compact encoding (storage.topk_codec)."""
         return bool(self.signals.top_k) and self.signals.topk_codec != "float16"
 
+    @property
+    def compact_sampled(self) -> bool:
+        """The draws are stored in the compact encoding (storage.sampled_codec)."""
+        return bool(self.signals.sample_count) and self.signals.sampled_codec != "raw"
+
+    @property
+    def ranked_ids(self) -> bool:
+        """Ids are stored as ranks in the cache's rank -> id table (`logits/id_table`)."""
+        return self.compact_topk or self.compact_sampled
+
+    @property
+    def compact_normalizers(self) -> bool:
+        """The logsumexp is float32 at T=1 only, the other temperatures float16 log-norms (`logits/lognorm`)."""
+        return self.compact_topk or (self.compact_sampled and not self.signals.top_k)
+
     def window(self, layer: int) -> int:
         """The sliding window of attention layer `layer` (0: plain causal; caches before windows were
         recorded hold none)."""
@@ -254,7 +274,8 @@ class Manifest:
         for added in ("logtail", "sampled_logprobs"):  # arrays a newer kdpipe adds: an older store resumes without
             signals.pop(added)
         if not self.signals.sample_count:
-            signals.pop("sampler")  # no draws: how they would be made does not shape the store
+            signals.pop("sampler")
+            signals.pop("sampled_codec")  # no draws: how they would be made does not shape the store
         for measured in ("topk_error", "signal_budget", "hidden_error", "attention_error"):
             signals.pop(measured)  # follow from the settings (a budget from the settings it chose)
         return {

@@ -11,7 +11,7 @@ import zarr
 from kdpipe.errors import UserError
 from kdpipe.storage.attention import attention_probs
 from kdpipe.storage.codecs import dequantize_logprobs
-from kdpipe.storage import topk_codec
+from kdpipe.storage import sampled_codec, topk_codec
 from kdpipe.storage.integrity import DamagedCache, open_array, read_rows, schema_problem
 from kdpipe.storage.manifest import Manifest
 from kdpipe.storage.codes import Codecs, read_codecs, read_signal_rows
@@ -130,7 +130,7 @@ class TeacherCache:
         """The teacher's full-vocabulary logsumexp per stored temperature, float32 [.., n_temps]."""
         lse = self._read("logits/logsumexp", index)
         temps = self.manifest.signals.temperatures
-        if self.manifest.compact_topk and len(temps) > 1:  # T=1 stored whole, the others as log sum p^(1/T)
+        if self.manifest.compact_normalizers and len(temps) > 1:  # T=1 stored whole, the others as log sum p^(1/T)
             rest = lse / np.asarray(temps[1:], np.float32) + self._read("logits/lognorm", index).astype(np.float32)
             lse = np.concatenate([lse, rest], -1)
         return lse
@@ -156,18 +156,26 @@ class TeacherCache:
                         f"at another temperature: re-extract with --temperatures")
 
     def sampled(self, index: Index = slice(None)) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int64, counts int64): unique draws from the teacher distribution, padded with count 0."""
-        if not self.manifest.signals.sample_count:
-            raise UserError(f"{self.path} has no sampled logits: re-extract with --sample-count M")
-        return self._read("sampled/ids", index).astype(np.int64), self._read("sampled/counts", index).astype(np.int64)
+        """(ids int64, counts int64): unique draws from the teacher distribution by count, descending, padded
+        with id 0 and count 0."""
+        return self.draws(index, logprobs=False)[:2]
 
     def sampled_logprobs(self, index: Index = slice(None)) -> np.ndarray | None:
         """The teacher's T=1 log-probabilities of the sampled ids, float32, within LOGPROB_STEP / 2 nats down to
         -LOGPROB_FLOOR (a draw below it, p < 1.2e-7, reads as the floor); None for caches before kdpipe 0.2."""
+        return self.draws(index)[2]
+
+    def draws(self, index: Index = slice(None), logprobs: bool = True):
+        """(ids, counts, log-probabilities or None) of the draws, as sampled() and sampled_logprobs(), in one read."""
         s = self.manifest.signals
-        if not (s.sample_count and s.sampled_logprobs):
-            return None
-        return dequantize_logprobs(self._read("sampled/logprobs", index))
+        if not s.sample_count:
+            raise UserError(f"{self.path} has no sampled logits: re-extract with --sample-count M")
+        ids, counts = self._read("sampled/ids", index), self._read("sampled/counts", index)
+        codes = self._read("sampled/logprobs", index) if logprobs and s.sampled_logprobs else None
+        if self.manifest.compact_sampled:  # rank order on disk: read back by count
+            ids, counts, codes = sampled_codec.decode(ids, counts, codes, self.id_table())
+        return (ids.astype(np.int64), counts.astype(np.int64),
+                None if codes is None else dequantize_logprobs(codes))
 
     def interchange(self, index: Index = slice(None)) -> dict[str, np.ndarray]:
         """DIITO's interventions: source (sequence id), layer (teacher), span (base start, source start,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdpipe.storage.manifest import Manifest
+from kdpipe.storage.sampled_codec import count_dtype
 
 
 LEDGER = "ledger/done"
@@ -137,27 +138,33 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
     temps = len(s.temperatures)
     if m.compact_topk:  # storage.topk_codec
         specs += [ArraySpec("logits/topk_ids", (n, t, s.top_k), ids, "ranks"),
-                  ArraySpec("logits/topk_values", (n, t, s.top_k), "uint8", "levels"),
-                  ArraySpec("logits/id_table", (teacher.vocab_size,), ids, "ids", per_sequence=False),
-                  ArraySpec("logits/logsumexp", (n, t, 1), "float32", "normalizers"),
-                  *([ArraySpec("logits/lognorm", (n, t, temps - 1), "float16", "normalizers")] if temps > 1 else []),
-                  ArraySpec("logits/logtail", (n, t, temps), "float16", "normalizers")]
+                  ArraySpec("logits/topk_values", (n, t, s.top_k), "uint8", "levels")]
+    elif s.top_k:  # (with --top-k 0, an importance-sampled cache, the draws alone)
+        specs += [ArraySpec("logits/topk_ids", (n, t, s.top_k), ids, "ids"),
+                  ArraySpec("logits/topk_values", (n, t, s.top_k), "float16", "floats")]
+    if m.ranked_ids:
+        specs.append(ArraySpec("logits/id_table", (teacher.vocab_size,), ids, "ids", per_sequence=False))
+    if m.compact_normalizers:
+        specs += [ArraySpec("logits/logsumexp", (n, t, 1), "float32", "normalizers"),
+                  *([ArraySpec("logits/lognorm", (n, t, temps - 1), "float16", "normalizers")] if temps > 1 else [])]
     else:
-        if s.top_k:  # --top-k 0: an importance-sampled cache, the draws alone
-            specs += [ArraySpec("logits/topk_ids", (n, t, s.top_k), ids, "ids"),
-                      ArraySpec("logits/topk_values", (n, t, s.top_k), "float16", "floats")]
         specs.append(ArraySpec("logits/logsumexp", (n, t, temps), "float32", "floats"))
-        if s.logtail and s.top_k:
-            specs.append(ArraySpec("logits/logtail", (n, t, temps), "float32", "floats"))
+    if m.compact_topk:
+        specs.append(ArraySpec("logits/logtail", (n, t, temps), "float16", "normalizers"))
+    elif s.logtail and s.top_k:
+        specs.append(ArraySpec("logits/logtail", (n, t, temps), "float32", "floats"))
     if s.sample_count:
         draws = min(s.sample_count, teacher.vocab_size)  # at most V distinct ids can be drawn
-        specs += [
-            ArraySpec("sampled/ids", (n, t, draws), ids, "ids"),
-            ArraySpec("sampled/counts", (n, t, draws), "uint16", "ids"),
-        ]
+        if m.compact_sampled:  # storage.sampled_codec: rank gaps, uint8 counts
+            specs += [ArraySpec("sampled/ids", (n, t, draws), ids, "ranks"),
+                      ArraySpec("sampled/counts", (n, t, draws), np.dtype(count_dtype(s.sample_count)).name, "levels")]
+        else:
+            specs += [ArraySpec("sampled/ids", (n, t, draws), ids, "ids"),
+                      ArraySpec("sampled/counts", (n, t, draws), "uint16", "ids")]
         if s.sampled_logprobs:
             # -log p in steps of 1/16 nat (uint8): see storage.codecs.quantize_logprobs
-            specs.append(ArraySpec("sampled/logprobs", (n, t, draws), "uint8", "ids"))
+            specs.append(ArraySpec("sampled/logprobs", (n, t, draws), "uint8",
+                                   "levels" if m.compact_sampled else "ids"))
     specs += signal_specs(m)
     for name, file_name, size in tokenizer_arrays(m):
         specs.append(ArraySpec(name, (size,), "uint8", "bytes", per_sequence=False))

@@ -119,7 +119,8 @@ _IDENTITY_NAMES = {"teacher.weights_sha256": "the teacher's weights", "teacher.c
 
 # the default changed in kdpipe 0.3: say which flag resumes an older store
 _FLAGS = {"topk_codec": " (--logit-codec float16 resumes a float16 cache)",
-          "sampler": " (--sampler multinomial resumes an older sampled cache)"}
+          "sampler": " (--sampler multinomial resumes an older sampled cache)",
+          "sampled_codec": " (--logit-codec float16 resumes a raw sampled cache)"}
 
 
 def identity_difference(existing: Manifest, wanted: Manifest) -> list[str]:
