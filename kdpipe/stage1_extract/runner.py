@@ -164,8 +164,9 @@ class UnitRunner:
             logp = quantize_logprobs(sig["sampled_logprobs"].cpu().numpy()) if s.sampled_logprobs else None
             if self.m.compact_sampled:
                 ids, counts, logp = encode_sampled(ids, counts, logp, self.ranks, self.ids_dtype, s.sample_count)
-            out["sampled/ids"] = ids.astype(self.ids_dtype)
-            out["sampled/counts"] = counts if self.m.compact_sampled else counts.astype(np.uint16)
+            else:
+                ids, counts = ids.astype(self.ids_dtype), counts.astype(np.uint16)
+            out["sampled/ids"], out["sampled/counts"] = ids, counts
             if logp is not None:
                 out["sampled/logprobs"] = logp
         # hidden states and attention of the batch's rows that carry them (all, unless subsampled)
