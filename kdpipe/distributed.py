@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +40,27 @@ def init_process_group(device: str) -> None:
 
 
 def leave_process_group() -> None:
-    """Tear the process group down after a successful command. A process that exits with gloo's worker
-    threads alive can die with SIGABRT ("terminate called without an active exception") after its work
-    is done. Only on success: after a failure the other ranks may be inside a collective, and a
-    barrier here would hang."""
+    """Tear the process group down after a successful command, and end a rank of a multi-rank run there.
+
+    A process that exits with gloo's worker threads alive can die with SIGABRT ("terminate called without an
+    active exception") after its work is done, and the launcher then reports the whole run failed. Destroying
+    the group did not always prevent it: a two-rank ZeRO extraction in CI wrote its complete cache and one
+    rank then aborted at interpreter exit (once; 24 two-rank runs in a row after it did not repeat it; which
+    destructor was not found). So a rank of a multi-rank run, once every rank has passed the barrier (the
+    commands have closed their stores, trackers and files before they return), flushes its output and leaves
+    with `os._exit(0)`, which runs no destructor. Only on success: after a failure the other ranks may be
+    inside a collective, and a barrier here would hang."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    dist.barrier()
+    dist.destroy_process_group()
+    if world > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def read_deepspeed_json(path: str) -> dict[str, Any]:
