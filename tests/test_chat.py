@@ -10,7 +10,7 @@ import torch
 from kdpipe.errors import UserError
 from kdpipe.stage1_extract.chat import render_conversation
 from kdpipe.stage1_extract.corpus import iter_documents, tokenize_documents
-from kdpipe.stage1_extract.packing import Piece, pack
+from kdpipe.stage1_extract.packing import pack
 from tiny import make_chat_tokenizer, make_tokenizer
 
 CONVERSATION = [{"role": "system", "content": "we are good"},

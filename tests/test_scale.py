@@ -2,7 +2,6 @@
 a full disk. Each run is a real `kdpipe` process."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kdpipe.capture import find_blocks, self_attention, text_config
-from kdpipe.modelio import ALIASES, DTYPES, TeacherSource, load_teacher, resolve_teacher  # noqa: F401  (re-exported)
+from kdpipe.modelio import ALIASES, TeacherSource, load_teacher, resolve_teacher  # noqa: F401  (re-exported)
 from kdpipe.errors import UserError
 from kdpipe.storage.fingerprint import (config_fingerprint, files_fingerprint, tokenizer_fingerprint,
                                         vocab_fingerprint, weight_files)
