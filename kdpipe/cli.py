@@ -97,6 +97,10 @@ def cli() -> None:
 @click.option("--temperatures", default="1,2", help="Temperatures whose full-vocabulary logsumexp is stored (1 always is).")
 @click.option("--sample-count", type=int, default=0, help="Draws per position from the teacher distribution (0: off).")
 @click.option("--sample-temperature", type=float, default=1.0, help="Temperature of the sampled draws.")
+@click.option("--sample-logprobs/--no-sample-logprobs", default=True,
+              help="Store the drawn ids' 8-bit log-probabilities (a third of a sampled cache's bytes), which weight "
+                   "the draws for losses at other temperatures than --sample-temperature; without them the draws "
+                   "serve that temperature alone (and with --top-k 0 only its logsumexp and T=1's are stored).")
 @click.option("--sampler", type=click.Choice(["systematic", "multinomial"]), default="systematic",
               help="systematic: m evenly spaced points from one random offset (each count floor or ceil of m*p, "
                    "unbiased); multinomial: m independent draws, as kdpipe 0.2 drew.")
@@ -239,8 +243,10 @@ def evaluate_command(student: str, cache: str, run_dir: str | None, max_sequence
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
         return
+    teacher = (f"KL to the teacher {metrics['eval/kl_teacher']:.4f}" if "eval/kl_teacher" in metrics else
+               f"cross-entropy to the teacher's draws {metrics['eval/ce_teacher']:.4f} (KL needs their log-probabilities)")
     click.echo(f"{student} on {metrics['sequences']} sequences of {cache}: cross-entropy {metrics['eval/ce']:.4f} "
-               f"(perplexity {metrics['eval/ppl']:.2f}), KL to the teacher {metrics['eval/kl_teacher']:.4f}, "
+               f"(perplexity {metrics['eval/ppl']:.2f}), {teacher}, "
                f"top-1 agreement {metrics['eval/top1_agreement']:.1%}, {metrics['tokens_per_s']:.0f} tokens/s")
 
 
@@ -300,6 +306,7 @@ def methods(as_json: bool) -> None:
 @click.option("--logit-codec", type=click.Choice(["compact", "float16"]), default="compact")
 @click.option("--temperatures", default="1,2")
 @click.option("--sample-count", type=int, default=0)
+@click.option("--sample-logprobs/--no-sample-logprobs", default=True)
 @click.option("--hidden-layers", default="none")
 @click.option("--attention-layers", default="none")
 @click.option("--attention-form", type=click.Choice(["probs", "factors"]), default="factors")

@@ -141,8 +141,9 @@ def test_a_cache_from_before_the_tail_and_draw_arrays_still_trains(sharp, corpus
     new, before = run(cache, tmp_path / "new", steps=3), run(old, tmp_path / "a", steps=3)
     assert abs(before["final"]["eval/kl_teacher"] - new["final"]["eval/kl_teacher"]) < 1e-3  # tails are not tiny here
     run(old, tmp_path / "b", "kd:estimator=sampled", steps=2)
-    with pytest.raises(UserError, match=r"method kd needs.*--sample-count 8 \(the cache predates the drawn ids' "
-                                        r"log-probabilities that weight draws made at T=1 for T=2"):
+    with pytest.raises(UserError, match=r"method kd needs.*--sample-count 8 without --no-sample-logprobs \(the cache "
+                                        r"holds no log-probabilities of the drawn ids, which weight draws made at T=1 "
+                                        r"for T=2"):
         run(old, tmp_path / "c", "kd:estimator=sampled,temperature=2", steps=1)
 
 

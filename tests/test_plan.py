@@ -33,6 +33,25 @@ def test_plan_bytes_equal_a_real_model_and_cache(codec, teachers, corpus, tmp_pa
         assert np.isclose(plan["cache_bytes"][group], raw[group], rtol=1e-12), group
 
 
+@pytest.mark.parametrize("logprobs", [True, False])
+def test_plan_bytes_equal_a_real_sampled_cache(logprobs, teachers, corpus, tmp_path):
+    """Draws alone, with or without their log-probabilities (then only T=1's normalizer is stored)."""
+    extract(ExtractConfig(teacher=str(teachers["llama"]), data=[str(corpus)], out=str(tmp_path / "c"), seq_len=32,
+                          top_k=0, sample_count=12, temperatures=[1.0, 2.0], sample_logprobs=logprobs, quiet=True))
+    summary = cache_summary(str(tmp_path / "c"))
+    n = json.loads(kdpipe("inspect", tmp_path / "c", "--json").stdout)["manifest"]["data"]["num_sequences"]
+    plan = make_plan(PlanConfig(str(teachers["llama"]), n * 32, 32, 4, 0, 2, "compact", 12, dtype="float32",
+                                sample_logprobs=logprobs)).data
+    assert plan["logits_mode"] == summary["logits_mode"] == "sampled"
+    raw = {}
+    for a in summary["arrays"]:
+        raw[a["name"].split("/")[0]] = raw.get(a["name"].split("/")[0], 0) + a["raw_bytes"]
+    for group in ("logits", "sampled"):
+        assert np.isclose(plan["cache_bytes"][group], raw[group], rtol=1e-12), group
+    assert any(a["name"] == "sampled/logprobs" for a in summary["arrays"]) == logprobs
+    assert any(a["name"] == "logits/lognorm" for a in summary["arrays"]) == logprobs
+
+
 def test_plan_for_a_100b_teacher_says_whether_it_fits_and_why():
     result = kdpipe("plan", "--teacher", "llama-100b", "--gpus", "8", "--gpu-memory", "40GB")
     assert result.exit_code == 0, result.output

@@ -103,6 +103,7 @@ class PlanConfig:
     memory_bandwidth: float = 2e12  # the GPU's own memory, for element-wise work
     gpu_flops: float = 300e12  # sustained dense FLOP/s in dtype
     logit_rows: int = 512
+    sample_logprobs: bool = True  # the drawn ids' 8-bit log-probabilities (--no-sample-logprobs: none)
 
     def check(self) -> None:
         checks = [(self.tokens >= 1, "--tokens must be at least 1"), (self.seq_len > 0, "--seq-len must be positive"),
@@ -158,7 +159,9 @@ LOGIT_PASSES, PASSES_PER_TEMPERATURE, SAMPLING_PASSES = 6, 3, 4
 # T = 1,2; sampled: M=12), since compression depends on the teacher and the text and a plan cannot run either
 LOGITS_NOTE = {"compact top-k": "compact top-k, measured ~98 B/token after compression (SmolLM2, k=64, real text)",
                "float16 top-k": "float16 top-k, measured ~197 B/token after compression (SmolLM2, k=64, real text)",
-               "sampled": "importance-sampled, measured ~28 B/token after compression (SmolLM2, M=12, real text)"}
+               "sampled": "importance-sampled, measured ~28 B/token after compression (SmolLM2, M=12, real text)",
+               "sampled, no log-probabilities": "importance-sampled without log-probabilities, measured ~17 B/token "
+                                                "after compression (SmolLM2, M=12; ~26 at M=24, real text)"}
 
 
 def make_plan(c: PlanConfig) -> Plan:
@@ -187,14 +190,14 @@ def make_plan(c: PlanConfig) -> Plan:
     compact_sampled = c.logit_codec == "compact" and c.sample_count > 0
     if compact:  # rank gaps and 8-bit levels; float32 logsumexp at T=1, float16 log-norms and log tails
         logit_bytes = c.top_k * (ids + 1) + 4 + 2 * (c.temperatures - 1) + 2 * c.temperatures
-    elif compact_sampled and not c.top_k:  # draws alone: float32 logsumexp at T=1, float16 log-norms
-        logit_bytes = 4 + 2 * (c.temperatures - 1)
+    elif compact_sampled and not c.top_k:  # draws alone: float32 logsumexp at T=1, float16 log-norms (none
+        logit_bytes = 4 + 2 * (c.temperatures - 1) * c.sample_logprobs  # without log-probabilities to weight)
     else:  # top-k ids and float16 log-probabilities; float32 logsumexp and log tail mass per temperature
         logit_bytes = c.top_k * (ids + 2) + (8 if c.top_k else 4) * c.temperatures
     per_token = {"tokens": 4 + 4 / c.seq_len, "logits": logit_bytes}
     if c.sample_count:  # distinct ids (rank gaps), counts (uint8 compact, uint16 raw), 8-bit log-probabilities
         counts = (1 if c.sample_count <= 255 else 2) if compact_sampled else 2
-        per_token["sampled"] = min(c.sample_count, vocab) * (ids + counts + 1)
+        per_token["sampled"] = min(c.sample_count, vocab) * (ids + counts + int(c.sample_logprobs))
     n_hidden = len(parse_layers(c.hidden_layers, layers, 0, "hidden"))
     n_attn = len(parse_layers(c.attention_layers, layers, 1, "attention"))
     shapes = budget.Shapes(h, n_hidden, n_attn, heads, kv, d, c.seq_len, c.attention_form if n_attn else None,
@@ -257,9 +260,10 @@ def make_plan(c: PlanConfig) -> Plan:
             "" if fits else "; offload parameters (--offload cpu|nvme), add GPUs, or lower --batch-size"), True),
         ("corpus", f"{c.tokens:,.0f} tokens = {sequences:,} sequences of {c.seq_len}", False),
     ]
+    note = logit_mode + (", no log-probabilities" if logit_mode == "sampled" and not c.sample_logprobs else "")
     for k, v in cache_bytes.items():
         lines.append((f"cache: {k}", f"{_gb(v)} ({per_token[k]:,.1f} B/token) before compression"
-                      + (f"; {LOGITS_NOTE[logit_mode]}" if k == "logits" else ""), False))
+                      + (f"; {LOGITS_NOTE[note]}" if k == "logits" else ""), False))
     if n_hidden or n_attn:
         signal_bytes = sum(per_token.get(k, 0) for k in SIGNAL_KEYS)
         lines.append(("hidden + attention", f"{signals.describe(shapes)}: {signal_bytes:,.0f} B/token "

@@ -64,6 +64,8 @@ def _listed(values: list) -> str:
 
 def describe_signals(sig: dict[str, Any]) -> str:
     coded = "compact: ranked ids, 8-bit counts" if sig.get("sampled_codec", "raw") != "raw" else "raw uint16 ids"
+    if sig["sample_count"] and not sig.get("sampled_logprobs"):
+        coded += f"; no log-probabilities: serves T={sig.get('sample_temperature', 1.0):g} only"
     sampled = (f"{plural(sig['sample_count'], 'draw')} per position ({sig.get('sampler', 'multinomial')}; {coded})"
                if sig["sample_count"] else "none")
     hidden = f"{_listed(sig['hidden_layers'])} ({sig['hidden_dtype']})" if sig["hidden_layers"] else "none"

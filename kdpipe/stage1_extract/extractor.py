@@ -55,6 +55,7 @@ class ExtractConfig:
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
     sample_count: int = 0
     sample_temperature: float = 1.0
+    sample_logprobs: bool = True  # the drawn ids' log-probabilities: weights for other temperatures
     sampler: str = "systematic"  # or "multinomial" (stage1_extract.logits.systematic_counts)
     seed: int = 0
     hidden_layers: str = "none"
@@ -117,6 +118,8 @@ def _check_options(cfg: ExtractConfig) -> None:
         (all(t > 0 for t in cfg.temperatures) and cfg.temperatures, "--temperatures must be positive numbers"),
         (cfg.sample_count >= 0 and cfg.sample_count < 65536, "--sample-count must be in 0..65535"),
         (cfg.sample_temperature > 0, "--sample-temperature must be positive"),
+        (cfg.sample_logprobs or cfg.sample_count > 0, "--no-sample-logprobs leaves out the draws' log-probabilities: "
+                                                       "it needs --sample-count M"),
         (cfg.sampler in ("systematic", "multinomial"), "--sampler must be systematic or multinomial"),
         (cfg.sequences_per_unit > 0, "--sequences-per-unit must be positive"),
         (cfg.sequences_per_chunk is None or (cfg.sequences_per_chunk > 0
@@ -341,10 +344,10 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
                       fingerprint=tokens.fingerprint, num_tokens=int(lengths.sum()), dropped_tokens=dropped,
                       loss_mask=("all" if cfg.learn_all_tokens else "assistant") if chat else None,
                       learned_tokens=int(tokens.learned_tokens) if chat else None),
-        signals=SignalSpec(top_k=cfg.top_k, temperatures=_with_unit_temperature(cfg.temperatures),
+        signals=SignalSpec(top_k=cfg.top_k, temperatures=_stored_temperatures(cfg),
                            sample_count=cfg.sample_count, sample_temperature=cfg.sample_temperature,
                            sampler=cfg.sampler, seed=cfg.seed,
-                           logtail=True, sampled_logprobs=bool(cfg.sample_count),
+                           logtail=True, sampled_logprobs=bool(cfg.sample_count) and cfg.sample_logprobs,
                            topk_codec=CODEC if compact else "float16", topk_error=ERROR_BOUND if compact else 0.0,
                            sampled_codec=SAMPLED_CODEC if compact_sampled else "raw",
                            hidden_layers=hidden_layers, hidden_dtype=cfg.hidden_dtype,
@@ -377,6 +380,15 @@ def _spool_dir(out: str) -> str | None:
 
 def _batches(manifest: Manifest, units: list[int], batch_size: int) -> int:
     return sum(math.ceil((b - a) / batch_size) for a, b in (unit_range(manifest, u) for u in units))
+
+
+def _stored_temperatures(cfg: ExtractConfig) -> list[float]:
+    """--temperatures with T=1; for draws alone without their log-probabilities, T=1 and the sampling
+    temperature of those only: another temperature's normalizer weights draws by their log-probabilities."""
+    temps = cfg.temperatures
+    if not cfg.top_k and not cfg.sample_logprobs:
+        temps = [t for t in temps if abs(t - cfg.sample_temperature) < 1e-9]
+    return _with_unit_temperature(temps)
 
 
 def _with_unit_temperature(temperatures: list[float]) -> list[float]:

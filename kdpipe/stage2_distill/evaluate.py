@@ -16,7 +16,7 @@ from kdpipe.console import say
 from kdpipe.errors import UserError
 from kdpipe.modelio import load_teacher, resolve_teacher
 from kdpipe.stage2_distill.data import eval_batches
-from kdpipe.stage2_distill.losses import bucket_kl, lm_loss, sampled_kl
+from kdpipe.stage2_distill.losses import bucket_kl, lm_loss, sampled_cross_entropy, sampled_kl
 from kdpipe.stage2_distill.methods.base import Batch, Needs
 from kdpipe.jsonfile import read_json
 from kdpipe.storage.reader import TeacherCache
@@ -32,6 +32,7 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device, p
     was_training = model.training
     model.eval()
     ce_sum = kl_sum = agree = positions = lm_positions = 0.0
+    kl_key = "eval/kl_teacher"
     for batch in batches:
         batch = batch.to(device)
         mask = batch.mask.long() if padded else None
@@ -44,16 +45,19 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device, p
             tail = None if batch.logtail is None else batch.logtail[..., 0]
             kl_sum += bucket_kl(logits, batch.topk_ids, batch.topk_logprobs, 1.0, predicts, t_logtail=tail).item() * n
             top1 = batch.topk_ids[..., 0]
-        else:  # an importance-sampled cache: the unbiased KL estimate from the draws, the most drawn id as top-1
-            kl_sum += sampled_kl(logits, batch.sampled_ids, batch.sampled_counts, batch.sampled_logprobs,
+        elif batch.sampled_logprobs is not None:  # an importance-sampled cache: the unbiased KL estimate from
+            kl_sum += sampled_kl(logits, batch.sampled_ids, batch.sampled_counts, batch.sampled_logprobs,  # draws
                                  predicts).item() * n
-            top1 = batch.sampled_ids[..., 0]
+            top1 = batch.sampled_ids[..., 0]  # the most drawn id
+        else:  # draws without log-probabilities: the teacher's entropy is unknown, so its cross-entropy, not KL
+            kl_sum += sampled_cross_entropy(logits, batch.sampled_ids, batch.sampled_counts, mask=predicts).item() * n
+            top1, kl_key = batch.sampled_ids[..., 0], "eval/ce_teacher"
         agree += ((logits.argmax(-1) == top1) & predicts).sum().item()
         positions += n
         lm_positions += n_lm
     model.train(was_training)
     ce = ce_sum / max(lm_positions, 1)
-    return {"eval/ce": ce, "eval/ppl": math.exp(min(ce, 50)), "eval/kl_teacher": kl_sum / max(positions, 1),
+    return {"eval/ce": ce, "eval/ppl": math.exp(min(ce, 50)), kl_key: kl_sum / max(positions, 1),
             "eval/top1_agreement": agree / max(positions, 1)}
 
 

@@ -138,7 +138,23 @@ def identity_difference(existing: Manifest, wanted: Manifest) -> list[str]:
             out.append(f"{_IDENTITY_NAMES.get(key, key)} (not recorded by the kdpipe that wrote the store)")
         else:
             out.append(f"{_IDENTITY_NAMES.get(key, key)} ({key} {str(a[key])[:12]} vs {str(b[key])[:12]})")
-    return out
+    return out + _logprobs_difference(existing, wanted)
+
+
+def _logprobs_difference(existing: Manifest, wanted: Manifest) -> list[str]:
+    """The draws' log-probabilities are left out of the identity, so that a store from before kdpipe 0.2 (which
+    had none) resumes in its own format; a store made with or without them since (--no-sample-logprobs, 0.6)
+    resumes only as it was made."""
+    e, w = existing.signals, wanted.signals
+    if not e.sample_count or e.sampled_logprobs == w.sampled_logprobs:
+        return []
+    if e.sampled_logprobs:
+        return ["signals.sampled_logprobs: True vs False (the store holds the draws' log-probabilities: drop "
+                "--no-sample-logprobs to resume it)"]
+    made_by = tuple(int(x) if x.isdigit() else 0 for x in str(existing.kdpipe_version).split(".")[:2])
+    if made_by >= (0, 6):
+        return ["signals.sampled_logprobs: False vs True (--no-sample-logprobs resumes a cache made without them)"]
+    return []
 
 
 def prepare_store(path: str | Path, manifest: Manifest, tokens: np.ndarray, lengths: np.ndarray,

@@ -219,9 +219,10 @@ class Needs:
         if self.sampled and not s.sample_count:
             flags.append("--sample-count 32")
         elif any(abs(t - s.sample_temperature) > 1e-9 for t in self.sampled_at) and not s.sampled_logprobs:
-            flags.append(f"--sample-count {s.sample_count} (the cache predates the drawn ids' log-probabilities that "
-                         f"weight draws made at T={s.sample_temperature:g} for T={_listed(self.sampled_at)}; "
-                         f"re-extract with this kdpipe)")
+            flags.append(f"--sample-count {s.sample_count} without --no-sample-logprobs (the cache holds no "
+                         f"log-probabilities of the drawn ids, which weight draws made at T={s.sample_temperature:g} "
+                         f"for T={_listed(self.sampled_at)}: it was extracted with --no-sample-logprobs or by a "
+                         f"kdpipe before 0.2)")
         hidden = sorted(set(self.hidden) - set(s.hidden_layers))
         if hidden:
             flags.append(f"--hidden-layers {','.join(str(x) for x in sorted(set(self.hidden) | set(s.hidden_layers)))}")
