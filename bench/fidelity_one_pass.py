@@ -18,7 +18,11 @@ from that batch side by side, so the online reference costs one teacher pass, no
   hybrid8     the same with the top-8 as the head;
   systematic  m=12 systematic draws (`--sampler systematic`), count frequencies;
   systematicM the same with M draws (e.g. systematic24): how the gap to online scales with m;
-  RUN-noclip  any run above without the gradient-norm clipping at 1.0 that the others share.
+  drawnbucket the same draws as a set: their exact probabilities (8-bit log-probabilities) and one bucket for
+              the mass not drawn, the student's own shape inside it (bench only; drawnbucketM with M draws);
+  RUN-noclip  any run above without the gradient-norm clipping at 1.0 that the others share;
+  RUN@S       any run above from the student initialization of seed S, with draws seeded S (the batches and
+              held-out set stay seed 0's): the spread between seeds is what one run's gap can resolve.
 The cached signals are what `kdpipe extract --top-k 64 --sample-count 12` stores: computed by its own
 `LogitSignals` from the teacher's logits, the draws seeded per sequence as extraction seeds them, the drawn ids'
 log-probabilities rounded through the cache's uint8 code (ids and counts are stored exactly). Held-out
@@ -37,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fidelity import full_kl, held_out_metrics, new_student, optimizer_step, topk_and_tail_draws  # noqa: E402
@@ -51,20 +56,48 @@ from kdpipe.stage2_distill.losses import (bucket_kl, inclusion_weights, sampled_
                                           sampled_inclusion_cross_entropy)
 from kdpipe.storage.codecs import dequantize_logprobs, quantize_logprobs  # noqa: E402
 
-RUNS = ("online", "bucket", "sampled", "sampled_ht", "hybrid", "hybrid8", "systematic")
+RUNS = ("online", "bucket", "sampled", "sampled_ht", "hybrid", "hybrid8", "systematic", "drawnbucket")
+DRAWN = ("systematic", "drawnbucket")  # the runs on systematic draws, by prefix
+
+
+def seed_of(run: str) -> tuple[str, int]:
+    """(the run without its `@S`, S); seed 0 without one."""
+    base, _, seed = run.partition("@")
+    return base, int(seed) if seed.isdigit() else 0
 
 
 def draws_of(run: str) -> int | None:
-    """M of a `systematicM` run (None for any other)."""
-    run = run.removesuffix("-noclip")
-    return int(run[len("systematic"):]) if run.startswith("systematic") and run[len("systematic"):].isdigit() else None
+    """M of a `systematicM` or `drawnbucketM` run (None for any other)."""
+    run = seed_of(run)[0].removesuffix("-noclip")
+    prefix = next((p for p in DRAWN if run.startswith(p)), None)
+    return int(run[len(prefix):]) if prefix and run[len(prefix):].isdigit() else None
+
+
+def drawn_bucket(logits, ids, counts, t_logp) -> torch.Tensor:
+    """-sum over the distinct drawn ids of p_i log q_i - U log Q_U, with U = 1 - sum of their p the teacher's mass
+    that was not drawn and Q_U the student's: a bucket KL over a random set. At q = p its expected gradient is 0,
+    like the full KL's, and a drawn tail token is pulled toward its own p, not toward 1/m: little variance, but
+    a tail token's shape is learned only in the steps that draw it (biased away from q = p)."""
+    logq = F.log_softmax(logits.float(), -1).gather(-1, ids)
+    used = counts > 0
+    p = torch.where(used, t_logp.float().exp(), torch.zeros_like(logq))
+    q_drawn = torch.where(used, logq.exp(), torch.zeros_like(logq)).sum(-1)
+    rest = (1 - p.sum(-1)).clamp_min(0)
+    return (-(p * torch.where(used, logq, torch.zeros_like(logq))).sum(-1)
+            - rest * torch.log1p(-q_drawn.clamp(max=1 - 1e-6))).mean()
 
 
 def loss_of(run: str, logits, t_logits, sig: LogitSignals, t_logp, sys_sig: dict) -> torch.Tensor:
+    """`sys_sig` maps (M, seed) to that seed's systematic draws (M 0: --sample-count's `systematic`)."""
+    base, seed = seed_of(run)
+    run = base.removesuffix("-noclip")
+    if run.startswith("drawnbucket"):
+        drawn = sys_sig[draws_of(run) or 0, seed]
+        logp = torch.from_numpy(dequantize_logprobs(quantize_logprobs(drawn.sampled_logprobs.numpy())))
+        return drawn_bucket(logits, drawn.sampled_ids, drawn.sampled_counts, logp)
     if draws_of(run):
-        drawn = sys_sig[draws_of(run)]
+        drawn = sys_sig[draws_of(run), seed]
         return sampled_cross_entropy(logits, drawn.sampled_ids, drawn.sampled_counts)
-    run = run.removesuffix("-noclip")
     if run == "online":
         return full_kl(t_logits, logits)
     if run == "bucket":
@@ -72,7 +105,8 @@ def loss_of(run: str, logits, t_logits, sig: LogitSignals, t_logp, sys_sig: dict
     if run == "sampled":
         return sampled_cross_entropy(logits, sig.sampled_ids, sig.sampled_counts)
     if run == "systematic":
-        return sampled_cross_entropy(logits, sys_sig[0].sampled_ids, sys_sig[0].sampled_counts)
+        drawn = sys_sig[0, seed]
+        return sampled_cross_entropy(logits, drawn.sampled_ids, drawn.sampled_counts)
     if run in ("hybrid", "hybrid8"):
         k = 8 if run == "hybrid8" else 64  # torch.topk's order: the first k are the top-k
         return topk_and_tail_draws(logits, sig.topk_ids[..., :k], sig.topk_values[..., :k], sig.sampled_ids,
@@ -95,7 +129,11 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     runs = [r for r in args.runs.split(",") if r]
-    unknown = [r for r in runs if r.removesuffix("-noclip") not in RUNS and not draws_of(r)]
+    unknown = [r for r in runs if seed_of(r)[0].removesuffix("-noclip") not in RUNS and not draws_of(r)]
+    seeded = [r for r in runs if seed_of(r)[1] and seed_of(r)[0].removesuffix("-noclip") not in
+              ("online", *DRAWN) and not draws_of(r)]
+    if seeded:
+        raise SystemExit(f"{seeded}: only online and systematic runs take @SEED (the others' draws are seed 0's)")
     if unknown:
         raise SystemExit(f"unknown runs {unknown}: choose from {RUNS}, each optionally with -noclip")
 
@@ -115,13 +153,16 @@ def main() -> None:
           flush=True)
 
     info = describe_teacher(teacher, "SmolLM2-135M-Instruct", "float32")
-    trained = {run: new_student(info, args) for run in runs}  # (student, optimizer, schedule)
+    trained = {run: new_student(info, args, seed_of(run)[1]) for run in runs}  # (student, optimizer, schedule)
     spec = LogitSpec(top_k=64, temperatures=[1.0], vocab_size=info.vocab_size, sample_count=args.sample_count,
                      seed=0)
-    # the systematic draws each run needs: m = --sample-count for `systematic` (key 0), M for `systematicM`
-    sys_specs = {m: dataclasses.replace(spec, top_k=1, sampler="systematic", sample_count=m or args.sample_count)
-                 for m in sorted({0 if r.removesuffix("-noclip") == "systematic" else draws_of(r) for r in runs}
-                                 - {None})}
+    # the systematic draws each run needs, by (M, seed): M = --sample-count for `systematic` (key 0)
+    def draws_key(run):
+        base, seed = seed_of(run)
+        return (0, seed) if base.removesuffix("-noclip") in DRAWN else (draws_of(run), seed)
+    sys_specs = {(m, seed): dataclasses.replace(spec, top_k=1, sampler="systematic", seed=seed,
+                                                sample_count=m or args.sample_count)
+                 for m, seed in sorted({draws_key(r) for r in runs if draws_key(r)[0] is not None})}
     seconds = {r: 0.0 for r in ["teacher", *runs]}
     norms = {r: [] for r in runs}  # gradient norms before clipping
     for step in range(args.steps):
@@ -133,7 +174,7 @@ def main() -> None:
             sig = LogitSignals(spec)
             sig.compute(t_logits.clone(), lambda h: h, index.tolist())
             t_logp = torch.from_numpy(dequantize_logprobs(quantize_logprobs(sig.sampled_logprobs.numpy())))
-            sys_sig = {m: LogitSignals(sp) for m, sp in sys_specs.items()}
+            sys_sig = {key: LogitSignals(sp) for key, sp in sys_specs.items()}
             for drawn in sys_sig.values():
                 drawn.compute(t_logits.clone(), lambda h: h, index.tolist())
         seconds["teacher"] += time.perf_counter() - start
@@ -178,7 +219,8 @@ def report(results: dict) -> None:
     print(f"{'run':18} {'held-out ppl':>12} {'vs online':>9} {'KL':>8} {'vs online':>9} {'ECE':>7} {'train s':>8} "
           f"{'|g| median':>10} {'clipped':>7}")
     for run, r in results["runs"].items():
-        online = "online-noclip" if run.endswith("-noclip") else "online"
+        base, seed = seed_of(run)
+        online = ("online-noclip" if base.endswith("-noclip") else "online") + (f"@{seed}" if seed else "")
         ref = results["runs"].get(online)
         gap = (lambda key: "" if ref is None or run == online else f"{100 * (r[key] / ref[key] - 1):+.2f}%")
         norm = f"{r['grad_norm_median']:10.2f} {r['clipped']:7.0%}" if "clipped" in r else ""
