@@ -165,8 +165,11 @@ def test_an_importance_sampled_cache_trains_kd_and_names_what_needs_a_top_k(shar
     r = run(out, tmp_path / "run", "kd:estimator=sampled")
     assert r["final"]["eval/kl_teacher"] < 0.8 * r["initial"]["eval/kl_teacher"], r
     assert r["final"]["eval/top1_agreement"] > r["initial"]["eval/top1_agreement"], r
-    with pytest.raises(UserError, match=r"method kd needs.*--top-k 64"):
+    with pytest.raises(UserError, match=r"method kd \(estimator bucket\) reads top-k logits, .* use "
+                                        r"kd:estimator=sampled, or re-extract with `kdpipe extract --top-k 64"):
         run(out, tmp_path / "bucket", "kd", steps=1)
+    with pytest.raises(UserError, match=r"method annealing_kd needs.*--top-k 64"):  # no estimator: re-extract
+        run(out, tmp_path / "annealing", "annealing_kd", steps=1)
     assert_user_error(kdpipe("extract", "--teacher", str(teacher), "--data", str(corpus), "--out",
                              str(tmp_path / "none"), "--top-k", "0"), "--top-k 0 keeps no top-k logits")
 
