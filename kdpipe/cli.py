@@ -307,6 +307,7 @@ def methods(as_json: bool) -> None:
 @click.option("--temperatures", default="1,2")
 @click.option("--sample-count", type=int, default=0)
 @click.option("--sample-logprobs/--no-sample-logprobs", default=True)
+@click.option("--sample-temperature", type=float, default=1.0, help="Temperature of the draws (as for extract).")
 @click.option("--hidden-layers", default="none")
 @click.option("--attention-layers", default="none")
 @click.option("--attention-form", type=click.Choice(["probs", "factors"]), default="factors")
@@ -331,13 +332,14 @@ def methods(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def plan(**opts) -> None:
     """Memory, disk and time for an extraction, before it runs (exact where it can be; estimates marked)."""
-    from kdpipe.pipeline.plan import PlanConfig, make_plan, parse_size
+    from kdpipe.pipeline.plan import PlanConfig, make_plan, parse_size, temperature_count
 
     as_json = opts.pop("as_json")
     for size in ("gpu_memory", "bandwidth", "interconnect", "memory_bandwidth", "tokens", "signal_budget"):
         if opts[size] is not None:
             opts[size] = parse_size(opts[size], "B" if size != "tokens" else "")
-    opts["temperatures"] = len(_floats(opts["temperatures"]))
+    opts["temperatures"] = temperature_count(_floats(opts["temperatures"]), opts["top_k"], opts["sample_logprobs"],
+                                             opts.pop("sample_temperature"))
     opts["gpu_flops"] = opts.pop("gpu_tflops") * 1e12
     result = make_plan(PlanConfig(**opts))
     click.echo(json.dumps(result.data, indent=2) if as_json else result.format())

@@ -33,15 +33,21 @@ def test_plan_bytes_equal_a_real_model_and_cache(codec, teachers, corpus, tmp_pa
         assert np.isclose(plan["cache_bytes"][group], raw[group], rtol=1e-12), group
 
 
-@pytest.mark.parametrize("logprobs", [True, False])
-def test_plan_bytes_equal_a_real_sampled_cache(logprobs, teachers, corpus, tmp_path):
-    """Draws alone, with or without their log-probabilities (then only T=1's normalizer is stored)."""
+@pytest.mark.parametrize("logprobs,sample_temperature", [(True, 1.0), (False, 1.0), (False, 2.0)])
+def test_plan_bytes_equal_a_real_sampled_cache(logprobs, sample_temperature, teachers, corpus, tmp_path):
+    """Draws alone, with or without their log-probabilities (then only the normalizers of T=1 and of the sampling
+    temperature, where --temperatures lists it, are stored), counted through `kdpipe plan`'s own flags."""
     extract(ExtractConfig(teacher=str(teachers["llama"]), data=[str(corpus)], out=str(tmp_path / "c"), seq_len=32,
-                          top_k=0, sample_count=12, temperatures=[1.0, 2.0], sample_logprobs=logprobs, quiet=True))
+                          top_k=0, sample_count=12, temperatures=[1.0, 2.0], sample_logprobs=logprobs,
+                          sample_temperature=sample_temperature, quiet=True))
     summary = cache_summary(str(tmp_path / "c"))
-    n = json.loads(kdpipe("inspect", tmp_path / "c", "--json").stdout)["manifest"]["data"]["num_sequences"]
-    plan = make_plan(PlanConfig(str(teachers["llama"]), n * 32, 32, 4, 0, 2, "compact", 12, dtype="float32",
-                                sample_logprobs=logprobs)).data
+    n = summary["manifest"]["data"]["num_sequences"]
+    flags = ["--no-sample-logprobs"] if not logprobs else []
+    result = kdpipe("plan", "--teacher", teachers["llama"], "--tokens", str(n * 32), "--seq-len", "32",
+                    "--batch-size", "4", "--top-k", "0", "--temperatures", "1,2", "--sample-count", "12",
+                    "--sample-temperature", str(sample_temperature), "--dtype", "float32", "--json", *flags)
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
     assert plan["logits_mode"] == summary["logits_mode"] == "sampled"
     raw = {}
     for a in summary["arrays"]:
@@ -49,7 +55,8 @@ def test_plan_bytes_equal_a_real_sampled_cache(logprobs, teachers, corpus, tmp_p
     for group in ("logits", "sampled"):
         assert np.isclose(plan["cache_bytes"][group], raw[group], rtol=1e-12), group
     assert any(a["name"] == "sampled/logprobs" for a in summary["arrays"]) == logprobs
-    assert any(a["name"] == "logits/lognorm" for a in summary["arrays"]) == logprobs
+    lognorm = logprobs or sample_temperature != 1.0  # T=2's normalizer: kept to weight draws, or to train at T_s
+    assert any(a["name"] == "logits/lognorm" for a in summary["arrays"]) == lognorm
 
 
 def test_plan_for_a_100b_teacher_says_whether_it_fits_and_why():

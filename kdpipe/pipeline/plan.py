@@ -19,6 +19,7 @@ from kdpipe.capture import find_blocks, parse_layers
 from kdpipe.errors import UserError
 from kdpipe.modelio import ALIASES, load_config, resolve_teacher
 from kdpipe.storage import budget
+from kdpipe.storage.manifest import stored_temperatures
 
 # Llama-shaped presets (vocabulary 32000): the sizes users ask about
 PRESETS: dict[str, dict[str, Any]] = {
@@ -72,6 +73,11 @@ def teacher_config(spec: str):
     raise UserError(f"--teacher {spec}: not a config.json, a model directory or .gguf, or one of {', '.join(PRESETS)}")
 
 
+def temperature_count(temperatures: list[float], top_k: int, sample_logprobs: bool, sample_temperature: float) -> int:
+    """How many logsumexps `kdpipe extract` stores for these flags (T=1 always; see stored_temperatures)."""
+    return len(stored_temperatures(temperatures, top_k, sample_logprobs, sample_temperature))
+
+
 @dataclass
 class PlanConfig:
     """What `kdpipe plan` is asked: a teacher, a corpus, the signals, and the machines (flag names)."""
@@ -80,7 +86,7 @@ class PlanConfig:
     seq_len: int = 2048
     batch_size: int = 8  # sequences per forward, per GPU
     top_k: int = 64
-    temperatures: int = 2  # how many are stored
+    temperatures: int = 2  # how many logsumexps are stored (temperature_count of the flags)
     logit_codec: str = "compact"  # storage.topk_codec, or "float16"
     sample_count: int = 0
     hidden_layers: str = "none"
@@ -190,8 +196,8 @@ def make_plan(c: PlanConfig) -> Plan:
     compact_sampled = c.logit_codec == "compact" and c.sample_count > 0
     if compact:  # rank gaps and 8-bit levels; float32 logsumexp at T=1, float16 log-norms and log tails
         logit_bytes = c.top_k * (ids + 1) + 4 + 2 * (c.temperatures - 1) + 2 * c.temperatures
-    elif compact_sampled and not c.top_k:  # draws alone: float32 logsumexp at T=1, float16 log-norms (none
-        logit_bytes = 4 + 2 * (c.temperatures - 1) * c.sample_logprobs  # without log-probabilities to weight)
+    elif compact_sampled and not c.top_k:  # draws alone: float32 logsumexp at T=1, float16 log-norms
+        logit_bytes = 4 + 2 * (c.temperatures - 1)
     else:  # top-k ids and float16 log-probabilities; float32 logsumexp and log tail mass per temperature
         logit_bytes = c.top_k * (ids + 2) + (8 if c.top_k else 4) * c.temperatures
     per_token = {"tokens": 4 + 4 / c.seq_len, "logits": logit_bytes}

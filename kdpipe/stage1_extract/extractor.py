@@ -27,7 +27,7 @@ from kdpipe.stage1_extract.teacher import (configure_threads, describe_teacher, 
 from kdpipe.storage import budget
 from kdpipe.storage.budget import Shapes
 from kdpipe.storage.codes import read_codecs, read_signal_rows
-from kdpipe.storage.manifest import DataInfo, EngineInfo, Layout, Manifest, SignalSpec
+from kdpipe.storage.manifest import DataInfo, EngineInfo, Layout, Manifest, SignalSpec, stored_temperatures
 from kdpipe.storage.schema import array_specs, unit_range
 from kdpipe.storage.sampled_codec import CODEC as SAMPLED_CODEC
 from kdpipe.storage.topk_codec import CODEC, ERROR_BOUND
@@ -344,7 +344,8 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
                       fingerprint=tokens.fingerprint, num_tokens=int(lengths.sum()), dropped_tokens=dropped,
                       loss_mask=("all" if cfg.learn_all_tokens else "assistant") if chat else None,
                       learned_tokens=int(tokens.learned_tokens) if chat else None),
-        signals=SignalSpec(top_k=cfg.top_k, temperatures=_stored_temperatures(cfg),
+        signals=SignalSpec(top_k=cfg.top_k, temperatures=stored_temperatures(cfg.temperatures, cfg.top_k, cfg.sample_logprobs,
+                                                                        cfg.sample_temperature),
                            sample_count=cfg.sample_count, sample_temperature=cfg.sample_temperature,
                            sampler=cfg.sampler, seed=cfg.seed,
                            logtail=True, sampled_logprobs=bool(cfg.sample_count) and cfg.sample_logprobs,
@@ -380,19 +381,3 @@ def _spool_dir(out: str) -> str | None:
 
 def _batches(manifest: Manifest, units: list[int], batch_size: int) -> int:
     return sum(math.ceil((b - a) / batch_size) for a, b in (unit_range(manifest, u) for u in units))
-
-
-def _stored_temperatures(cfg: ExtractConfig) -> list[float]:
-    """--temperatures with T=1; for draws alone without their log-probabilities, T=1 and the sampling
-    temperature of those only: another temperature's normalizer weights draws by their log-probabilities."""
-    temps = cfg.temperatures
-    if not cfg.top_k and not cfg.sample_logprobs:
-        temps = [t for t in temps if abs(t - cfg.sample_temperature) < 1e-9]
-    return _with_unit_temperature(temps)
-
-
-def _with_unit_temperature(temperatures: list[float]) -> list[float]:
-    """T=1 first: top-k values are stored as log-probabilities at T=1, and its logsumexp turns them back
-    into raw logits."""
-    rest = [float(t) for t in temperatures if abs(t - 1.0) > 1e-9]
-    return [1.0] + list(dict.fromkeys(rest))

@@ -69,6 +69,18 @@ class DataInfo:
     learned_tokens: int | None = None
 
 
+def stored_temperatures(temperatures: list[float], top_k: int, sample_logprobs: bool = True,
+                        sample_temperature: float = 1.0) -> list[float]:
+    """The logsumexps an extraction stores: T=1 first (top-k values are log-probabilities at T=1 and its
+    logsumexp turns them back into raw logits), then the other --temperatures; for draws alone without their
+    log-probabilities, the sampling temperature only: another temperature's normalizer weights draws by their
+    log-probabilities, which such a cache does not hold."""
+    if not top_k and not sample_logprobs:
+        temperatures = [t for t in temperatures if abs(t - sample_temperature) < 1e-9]
+    rest = [float(t) for t in temperatures if abs(t - 1.0) > 1e-9]
+    return [1.0] + list(dict.fromkeys(rest))
+
+
 @dataclass
 class SignalSpec:
     top_k: int
