@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=51)
     ap.add_argument("--sample-count", type=int, default=12)
     args = ap.parse_args()
-    args.lr, schedule_steps, m = 2e-3, 300, args.sample_count  # the one-pass bench's 300-step schedule
+    m = args.sample_count
     source = resolve_teacher(str(smollm2_gguf()))
     teacher, tokenizer = load_teacher(source).eval(), load_tokenizer(None, source)
     blocks, _ = pack(tokenize_documents(iter_documents(expand_sources(args.data)), tokenizer), 128,
@@ -70,7 +70,7 @@ def main() -> None:
     rows = np.asarray(blocks[0:len(blocks)])
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[64:]
     student, opt, sched = new_student(describe_teacher(teacher, "SmolLM2", "float32"),
-                                      argparse.Namespace(lr=args.lr, steps=schedule_steps), 0)
+                                      argparse.Namespace(lr=2e-3, steps=300), 0)  # the one-pass bench's 300 steps
     start = time.time()
     for step in range(args.steps):
         index = order[step * 8:(step + 1) * 8]

@@ -427,10 +427,11 @@ def check_needs(methods: list[Method], manifest: Manifest, cache_path: str, inde
                             f"teacher's, and {cache_path} holds them at {manifest.signal_positions} of every "
                             f"{manifest.data.seq_len} positions: re-extract without --position-fraction (or with a "
                             f"--signal-budget that keeps every position)")
-        missing = method.teacher_needs(index).missing(manifest)
+        needs = method.teacher_needs(index)
+        missing = needs.missing(manifest)
         s = manifest.signals
-        if (not s.top_k and s.sample_count and "estimator" in method.params
-                and method.params["estimator"] != "sampled" and method.teacher_needs(index).topk):
+        if (not s.top_k and s.sample_count and needs.topk and "estimator" in method.params
+                and method.params["estimator"] != "sampled"):
             # the draws serve this method as they are: the fix is a parameter, not a second extraction
             raise UserError(f"method {method.name} (estimator {method.params['estimator']}) reads top-k logits, "
                             f"and {cache_path} is an importance-sampled cache (--top-k 0, {s.sample_count} "
