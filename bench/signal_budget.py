@@ -90,7 +90,7 @@ def main() -> None:
         summary = cache_summary(str(out))
         m = summary["manifest"]["signals"]
         raw = budget.Settings(m["hidden_codec"], m["hidden_rank"], m["attention_codec"], "float16",
-                              m["signal_sequences"], m.get("signal_positions", 0))
+                              m["signal_sequences"], m.get("signal_positions", 0), m.get("attention_rank", 0))
         info[name] = {"path": str(out), "budget": flags.get("signal_budget"), "stored": summary["signal_bytes_per_token"],
                       "raw": sum(budget.bytes_per_token(raw, shapes).values()),
                       "settings": describe_signals(m).split("hidden layers: ")[1]}

@@ -4,4 +4,4 @@ Stage 1 (`kdpipe extract`) runs the teacher once and writes its signals into a Z
 stage 2 (`kdpipe distill`) trains students from that cache alone.
 """
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"

@@ -123,6 +123,9 @@ def cli() -> None:
                    "(implies int8; 0: every channel).")
 @click.option("--attention-codec", type=click.Choice(["float16", "int8"]), default="float16",
               help="Expert: int8 Q/K/V factors, one scale per (token, head).")
+@click.option("--attention-rank", type=int, default=0,
+              help="Expert: project each head's Q/K/V to this many calibrated directions, Q and K chosen to keep "
+                   "the scores q.k (implies int8; 0: every dimension).")
 @click.option("--signal-fraction", type=float, default=1.0,
               help="Expert: the share of each work unit's sequences that carry hidden states and attention "
                    "(the intermediate-layer losses average over them).")
@@ -315,6 +318,7 @@ def methods(as_json: bool) -> None:
 @click.option("--hidden-codec", type=click.Choice(["float16", "int8"]), default="float16")
 @click.option("--hidden-rank", type=int, default=0)
 @click.option("--attention-codec", type=click.Choice(["float16", "int8"]), default="float16")
+@click.option("--attention-rank", type=int, default=0)
 @click.option("--signal-fraction", type=float, default=1.0)
 @click.option("--position-fraction", type=float, default=1.0)
 @click.option("--sequences-per-unit", type=int, default=16)

@@ -100,8 +100,9 @@ def test_two_ranks_with_a_signal_budget_equal_one_rank(budget_baseline, teachers
 
 
 def test_two_ranks_at_some_positions_of_every_sequence_equal_one_rank(teachers, corpus, tmp_path):
-    """The positions are a function of (seed, unit, lengths): each rank draws its own units' the same."""
-    flags = ["--hidden-rank", "16", "--attention-codec", "int8", "--position-fraction", "0.25", "--position-spans", "2"]
+    """The positions are a function of (seed, unit, lengths): each rank draws its own units' the same; the
+    projected attention's codes are rank 0's, shared."""
+    flags = ["--hidden-rank", "16", "--attention-rank", "4", "--position-fraction", "0.25", "--position-spans", "2"]
     one = kdpipe_extract(teachers["llama"], corpus, tmp_path / "one", *flags)
     assert one.returncode == 0, one.stderr[-3000:]
     assert TeacherCache(tmp_path / "one").manifest.position_subsampled

@@ -78,9 +78,9 @@ def test_plan_fits_a_100b_teacher_into_8kb_a_token():
     per_token = data["cache_bytes_per_token"]
     assert per_token["hidden"] + per_token["attention"] <= 8192
     assert data["signal_settings"]["exact_bytes_per_token"] == 192_512
-    assert data["signal_settings"]["hidden_rank"] >= 9216 // 4
+    assert data["signal_settings"]["hidden_rank"] >= 9216 // 4 and data["signal_settings"]["attention_rank"] == 32
     assert_user_error(kdpipe("plan", "--teacher", "llama-100b", "--hidden-layers", "uniform:8", "--attention-layers",
-                             "last:2", "--signal-budget", "1KB"), "raise --signal-budget to at least 1,435B")
+                             "last:2", "--signal-budget", "300B"), "raise --signal-budget to at least 379B")
 
 
 def test_losses_on_the_compressed_cache_are_the_losses_on_the_exact_states_projected_the_same_way(teachers, corpus,
@@ -218,6 +218,11 @@ def test_signal_settings_mistakes_are_one_line(teachers, corpus, tmp_path):
                       "use --attention-form factors")
     assert_user_error(run("--position-fraction", "0.25", "--position-spans", "9"), "lower it")
     assert_user_error(run("--signal-budget", "8KB", "--position-fraction", "0.5"), "give the budget or those")
+    assert_user_error(run("--signal-budget", "8KB", "--attention-rank", "4"), "give the budget or those")
+    assert_user_error(run("--attention-layers", "all", "--attention-rank", "16"),
+                      "--attention-rank 16 is more than the teacher's 8 dimensions a head")
+    assert_user_error(run("--attention-layers", "all", "--attention-form", "probs", "--attention-rank", "4"),
+                      "--attention-rank projects Q/K/V factors: use --attention-form factors")
     assert not (tmp_path / "c").exists()
 
 

@@ -108,12 +108,21 @@ def test_every_budget_the_ladder_meets_it_meets_and_more_bytes_never_store_less(
 
 def test_the_ladder_keeps_a_quarter_of_the_width_before_it_drops_sequences_and_names_the_least_budget():
     at_8kb = budget.fit(8000, LLAMA_100B)
-    assert (at_8kb.hidden_codec, at_8kb.attention_codec) == ("int8", "int8")
+    assert (at_8kb.hidden_codec, at_8kb.attention_codec, at_8kb.attention_rank) == ("int8", "int8", 128 // 4)
     assert at_8kb.hidden_rank >= 9216 // 4 and 1 <= at_8kb.signal_sequences < 16
+    quarter = budget.Settings("int8", 9216 // 4 // budget.RANK_STEP * budget.RANK_STEP, "int8")
+    both = budget.Settings("int8", quarter.hidden_rank, "int8", attention_rank=32)
+    for target in range(2_000, 100_000, 1_000):  # heads narrow only once a quarter of the hidden width does not
+        chosen = budget.fit(target, LLAMA_100B)  # fit, and sequences drop only once a quarter of both does not
+        total = lambda s: sum(budget.bytes_per_token(s, LLAMA_100B).values())  # noqa: E731
+        assert bool(chosen.attention_rank) == (total(quarter) > target)
+        assert bool(chosen.signal_sequences) == (total(both) > target)
+        assert not chosen.signal_sequences or chosen.hidden_rank >= 9216 // 4
     assert budget.fit(192_512, LLAMA_100B) == budget.Settings()  # the exact cache when it fits
     full = budget.fit(100_000, LLAMA_100B)
     assert (full.hidden_rank, full.signal_sequences) == (0, 0)  # int8, every channel and sequence
-    with pytest.raises(UserError, match=r"needs 1,435 B/token: raise --signal-budget to at least 1,435B") as err:
-        budget.fit(1000, LLAMA_100B)
+    with pytest.raises(UserError, match=r"32-dimensional attention heads, 1 sequence of every 16\) needs 379 B/token: "
+                                        r"raise --signal-budget to at least 379B") as err:
+        budget.fit(300, LLAMA_100B)
     least = float(str(err.value).split("at least ")[1].split("B")[0].replace(",", ""))
     assert sum(budget.bytes_per_token(budget.fit(least, LLAMA_100B), LLAMA_100B).values()) <= least

@@ -97,6 +97,7 @@ class PlanConfig:
     hidden_codec: str = "float16"
     hidden_rank: int = 0
     attention_codec: str = "float16"
+    attention_rank: int = 0
     signal_fraction: float = 1.0
     position_fraction: float = 1.0
     sequences_per_unit: int = 16
@@ -127,12 +128,14 @@ class PlanConfig:
                   (self.sequences_per_unit > 0, "--sequences-per-unit must be positive"),
                   (self.signal_budget is None or self.signal_budget > 0, "--signal-budget must be positive, e.g. 8KB"),
                   (self.signal_budget is None or (self.hidden_codec, self.hidden_rank, self.attention_codec,
-                                                  self.signal_fraction, self.position_fraction)
-                   == ("float16", 0, "float16", 1.0, 1.0),
-                   "--signal-budget chooses --hidden-codec, --hidden-rank, --attention-codec, --signal-fraction and "
-                   "--position-fraction: give the budget or those, not both"),
-                  (self.hidden_rank >= 0 and 0 < self.signal_fraction <= 1 and 0 < self.position_fraction <= 1,
-                   "--hidden-rank must be 0 or more, --signal-fraction and --position-fraction in (0, 1]"),
+                                                  self.attention_rank, self.signal_fraction, self.position_fraction)
+                   == ("float16", 0, "float16", 0, 1.0, 1.0),
+                   "--signal-budget chooses --hidden-codec, --hidden-rank, --attention-codec, --attention-rank, "
+                   "--signal-fraction and --position-fraction: give the budget or those, not both"),
+                  (min(self.hidden_rank, self.attention_rank) >= 0 and 0 < self.signal_fraction <= 1
+                   and 0 < self.position_fraction <= 1,
+                   "--hidden-rank and --attention-rank must be 0 or more, --signal-fraction and --position-fraction "
+                   "in (0, 1]"),
                   (self.attention_codec == "float16" or self.attention_form == "factors",
                    "--attention-codec int8 codes Q/K/V factors: for --attention-form probs use uint8 probabilities")]
         for ok, message in checks:
@@ -210,7 +213,7 @@ def make_plan(c: PlanConfig) -> Plan:
                            c.sequences_per_unit)
     signals = budget.fit(c.signal_budget, shapes) if c.signal_budget is not None else \
         budget.from_flags(c.hidden_codec, c.hidden_rank, c.attention_codec, "float16", c.signal_fraction, shapes,
-                          c.position_fraction)
+                          c.position_fraction, c.attention_rank)
     per_token.update(budget.bytes_per_token(signals, shapes))
     exact_signals = sum(budget.bytes_per_token(budget.Settings(), shapes).values()) if n_hidden or n_attn else 0
     logit_mode = "sampled" if not c.top_k else ("compact top-k" if compact else "float16 top-k")
@@ -220,6 +223,8 @@ def make_plan(c: PlanConfig) -> Plan:
         cache_bytes["logits"] += vocab * ids  # the rank -> id table, once
     if signals.hidden_codec == "int8":  # each layer's channel code and projection, once
         cache_bytes["hidden"] += n_hidden * h * (2 + signals.hidden_rank) * 4
+    if signals.attention_rank:  # each layer's Q/K/V center, encoder and decoder, once
+        cache_bytes["attention"] += n_attn * (heads + 2 * kv) * d * (1 + 2 * signals.attention_rank) * 4
 
     # per-GPU memory: resident parameter share + working set (estimate)
     resident = 0 if offloaded else param_bytes / c.gpus

@@ -78,7 +78,11 @@ def describe_signals(sig: dict[str, Any]) -> str:
     attention = (f"{sig['attention_form']} of blocks {_listed(sig['attention_layers'])}" if sig["attention_layers"]
                  else "none")
     if sig["attention_layers"] and sig.get("attention_codec") == "int8":
-        attention += " (int8 per (token, head))"
+        rank = sig.get("attention_rank")
+        errors = sig.get("attention_error") or []
+        error = f"; relative squared error {max(errors):.3g}" + (" of the scores q.k and v" if rank else "") \
+            if errors else ""
+        attention += f" (int8 per (token, head){f', projected to {rank} dims a head' if rank else ''}{error})"
     if sig.get("signal_sequences") and (sig["hidden_layers"] or sig["attention_layers"]):
         attention += f"; hidden states and attention for {sig['signal_sequences']} sequences of every work unit"
     if sig.get("signal_positions") and (sig["hidden_layers"] or sig["attention_layers"]):

@@ -11,6 +11,9 @@ step), rank 0 fits and stores the codes, and every rank (and every resumed run) 
   table counted over the whole cache (bench/RESULTS.md, "Compact top-k").
 - Each int8 hidden layer's channel center and scale, and its projection (storage.signal_codec), over the valid
   tokens of these batches; and each encoding's error on them, recorded in the manifest.
+- Each projected attention layer's Q/K/V codes (storage.signal_codec.FactorCodec): Q and K fitted to keep the
+  scores q.k (each in the other's second moments), V to keep itself; the recorded error is the worst of the
+  scores' (up to SCORE_TOKENS tokens' pairs a head) and V's.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import torch
 from kdpipe.stage1_extract.runner import Captured
 from kdpipe.storage.codes import Codecs
 from kdpipe.storage.manifest import Manifest
-from kdpipe.storage.signal_codec import HiddenCodec, factor_error
+from kdpipe.storage.signal_codec import FactorCodec, HiddenCodec, factor_error, score_metrics
 from kdpipe.storage.topk_codec import rank_table
 
 CALIBRATION_SEQUENCES = 8
 TOKENS_PER_DIMENSION = 4  # an int8 hidden layer's projection is fitted on at least 4 tokens per dimension
+SCORE_TOKENS = 512  # the scores' error is measured over this many calibration tokens' pairs, per head
 CORPUS_SEQUENCES = 4096  # corpus frequencies from the first ~1M tokens (at 256 a row) break the ties
 
 
@@ -40,6 +44,8 @@ def calibration_sequences(m: Manifest) -> int:
     count = CALIBRATION_SEQUENCES
     if s.hidden_codec == "int8" and s.hidden_layers:
         count = max(count, math.ceil(TOKENS_PER_DIMENSION * m.teacher.hidden_size / m.data.seq_len))
+    if s.attention_rank:
+        count = max(count, math.ceil(TOKENS_PER_DIMENSION * m.teacher.head_dim / m.data.seq_len))
     return min(count, m.layout.sequences_per_unit, m.data.num_sequences)
 
 
@@ -79,9 +85,33 @@ def calibrate(m: Manifest, held: list[Captured], tokens, lengths: np.ndarray, de
             out.hidden_error.append(round(code.relative_error(states), 6))
     if s.attention_codec == "int8":
         for layer in s.attention_layers:
-            errors = []
-            for i in range(3):  # q, k, v [B, heads, T, d] -> the valid tokens' vectors [n, heads, d]
-                x = torch.cat([cap.attention[layer][i].transpose(1, 2)[mask] for cap, mask in zip(held, valid)])
-                errors.append(factor_error(x))
-            out.attention_error.append(round(max(errors), 6))  # the worst of q, k, v
+            # q, k, v [B, heads, T, d] -> the valid tokens' vectors [n, heads, d]
+            q, k, v = (torch.cat([cap.attention[layer][i].transpose(1, 2)[mask] for cap, mask in zip(held, valid)])
+                       .to(device) for i in range(3))
+            if s.attention_rank:
+                metric_q, metric_k = score_metrics(q, k)
+                codes = {"q": FactorCodec.fit(q, s.attention_rank, metric_q),
+                         "k": FactorCodec.fit(k, s.attention_rank, metric_k),
+                         "v": FactorCodec.fit(v, s.attention_rank)}
+                out.codecs.factors |= {(layer, part): c.to("cpu") for part, c in codes.items()}
+                error = max(score_error(codes["q"], codes["k"], q, k), codes["v"].relative_error(_heads_first(v)))
+            else:
+                error = max(factor_error(x) for x in (q, k, v))
+            out.attention_error.append(round(error, 6))  # the worst of q, k, v (projected: of the scores, v)
     return out
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """Vectors [n, heads, d] as one batch [1, heads, n, d]."""
+    return x.transpose(0, 1)[None]
+
+
+def score_error(code_q: FactorCodec, code_k: FactorCodec, q: torch.Tensor, k: torch.Tensor) -> float:
+    """||S' - S||^2 / ||S||^2 of the scores S = q k^T among the first SCORE_TOKENS vectors, every query head
+    against the key head it reads, S' from the decoded q and k."""
+    q, k = _heads_first(q[:SCORE_TOKENS]), _heads_first(k[:SCORE_TOKENS])
+    group = q.shape[1] // k.shape[1]
+    q2, k2 = code_q.decode(*code_q.encode(q)), code_k.decode(*code_k.encode(k))
+    exact = q.float() @ k.float().repeat_interleave(group, 1).transpose(-1, -2)
+    coded = q2 @ k2.repeat_interleave(group, 1).transpose(-1, -2)
+    return float((coded - exact).pow(2).sum() / exact.pow(2).sum().clamp_min(1e-30))

@@ -72,6 +72,7 @@ class ExtractConfig:
     hidden_codec: str = "float16"  # or "int8"
     hidden_rank: int = 0  # int8: project to this many dimensions (0: all)
     attention_codec: str = "float16"  # factors: or "int8"
+    attention_rank: int = 0  # int8 factors: project each head to this many dimensions (0: all)
     signal_fraction: float = 1.0  # of each work unit's sequences, those that carry hidden states and attention
     position_fraction: float = 1.0  # of each sequence's positions, those that do (a stratified draw per sequence)
     position_spans: int = 0  # those positions as this many contiguous spans (0: one position per stratum)
@@ -128,13 +129,15 @@ def _check_options(cfg: ExtractConfig) -> None:
         (0 < cfg.interchange_rate <= 1, "--interchange-rate must be in (0, 1]"),
         (cfg.hidden_keepbits is None or 1 <= cfg.hidden_keepbits <= 10, "--hidden-keepbits must be in 1..10"),
         (cfg.signal_budget is None or cfg.signal_budget > 0, "--signal-budget must be positive, e.g. 8KB"),
-        (cfg.signal_budget is None or (cfg.hidden_codec, cfg.hidden_rank, cfg.attention_codec, cfg.signal_fraction,
-                                       cfg.position_fraction) == ("float16", 0, "float16", 1.0, 1.0),
-         "--signal-budget chooses --hidden-codec, --hidden-rank, --attention-codec, --signal-fraction and "
-         "--position-fraction: give the budget or those, not both"),
+        (cfg.signal_budget is None or (cfg.hidden_codec, cfg.hidden_rank, cfg.attention_codec, cfg.attention_rank,
+                                       cfg.signal_fraction, cfg.position_fraction) == ("float16", 0, "float16", 0,
+                                                                                        1.0, 1.0),
+         "--signal-budget chooses --hidden-codec, --hidden-rank, --attention-codec, --attention-rank, "
+         "--signal-fraction and --position-fraction: give the budget or those, not both"),
         (cfg.hidden_codec in ("float16", "int8") and cfg.attention_codec in ("float16", "int8"),
          "--hidden-codec and --attention-codec are float16 or int8"),
         (cfg.hidden_rank >= 0, "--hidden-rank must be 0 (every channel) or more"),
+        (cfg.attention_rank >= 0, "--attention-rank must be 0 (every dimension) or more"),
         (0 < cfg.signal_fraction <= 1, "--signal-fraction must be in (0, 1]"),
         (0 < cfg.position_fraction <= 1, "--position-fraction must be in (0, 1]"),
         (cfg.position_spans >= 0 and (cfg.position_spans == 0 or cfg.position_fraction < 1),
@@ -333,7 +336,7 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
                     cfg.attention_form if attention_layers else None, per_unit)
     chosen = budget.fit(cfg.signal_budget, shapes) if cfg.signal_budget is not None else \
         budget.from_flags(cfg.hidden_codec, cfg.hidden_rank, cfg.attention_codec, cfg.attention_dtype,
-                          cfg.signal_fraction, shapes, cfg.position_fraction)
+                          cfg.signal_fraction, shapes, cfg.position_fraction, cfg.attention_rank)
     if chosen.signal_positions and cfg.position_spans > chosen.signal_positions:
         raise UserError(f"--position-spans {cfg.position_spans} is more than the {chosen.signal_positions} positions "
                         f"--position-fraction keeps of each sequence: lower it (0: one position per stratum)")
@@ -358,7 +361,8 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
                            attention_dtype=chosen.attention_dtype, interchange_layers=interchange_layers,
                            interchange_rate=cfg.interchange_rate if interchange_layers else 0.0,
                            hidden_codec=chosen.hidden_codec, hidden_rank=chosen.hidden_rank,
-                           attention_codec=chosen.attention_codec, signal_sequences=chosen.signal_sequences,
+                           attention_codec=chosen.attention_codec, attention_rank=chosen.attention_rank,
+                           signal_sequences=chosen.signal_sequences,
                            signal_positions=chosen.signal_positions,
                            position_spans=cfg.position_spans if chosen.signal_positions else 0,
                            signal_budget=cfg.signal_budget),
@@ -366,8 +370,8 @@ def _plan(cfg: ExtractConfig, source, model, tokenizer, files, engine: EngineInf
                       num_units=math.ceil(n / per_unit)),
         engine=engine,
         # a kdpipe before 0.3 reads neither the compact top-k nor compressed signals, one before 0.4 no positions,
-        # one before 0.5 no compact draws: it says to upgrade
-        version=4 if compact_sampled else 3 if chosen.signal_positions else
+        # one before 0.5 no compact draws, one before 0.7 no projected attention: it says to upgrade
+        version=5 if chosen.attention_rank else 4 if compact_sampled else 3 if chosen.signal_positions else
         2 if compact or chosen != budget.Settings(attention_dtype=chosen.attention_dtype) else 1,
     )
     manifest.layout.codecs = {spec.name: spec.preset for spec in array_specs(manifest)}

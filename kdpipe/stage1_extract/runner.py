@@ -21,7 +21,7 @@ from kdpipe.storage.manifest import Manifest
 from kdpipe.storage.attention import gather_time
 from kdpipe.storage.schema import attention_name, draw_positions, hidden_name, id_dtype, positions_dtype
 from kdpipe.storage.codes import Codecs
-from kdpipe.storage.signal_codec import HiddenCodec, quantize
+from kdpipe.storage.signal_codec import FactorCodec, HiddenCodec, quantize
 from kdpipe.storage.sampled_codec import encode as encode_sampled
 from kdpipe.storage.topk_codec import encode as encode_topk, ranks_of
 
@@ -58,6 +58,7 @@ class UnitRunner:
         self.ids_dtype = id_dtype(manifest.teacher.vocab_size)
         self.ranks: np.ndarray | None = None
         self.hidden_codecs: dict[int, HiddenCodec] = {}
+        self.factor_codecs: dict[tuple[int, str], FactorCodec] = {}  # projected attention: (layer, part) -> code
         self.signal_row: np.ndarray | None = None  # None: every sequence carries hidden states and attention
 
     def use(self, codecs: Codecs, signal_row: np.ndarray | None) -> None:
@@ -66,6 +67,7 @@ class UnitRunner:
         if self.m.ranked_ids:
             self.ranks = ranks_of(codecs.id_table)
         self.hidden_codecs = {layer: c.to(self.device) for layer, c in codecs.hidden.items()}
+        self.factor_codecs = {key: c.to(self.device) for key, c in codecs.factors.items()}
         self.signal_row = signal_row
 
     def batches(self, n: int) -> list[range]:
@@ -186,7 +188,10 @@ class UnitRunner:
             if s.attention_form == "factors":
                 for part, x in zip("qkv", captured):
                     name = attention_name(layer, part)
-                    if s.attention_codec == "int8":
+                    if s.attention_rank:
+                        q, step = self.factor_codecs[layer, part].encode(pick(x, 2))
+                        out[name], out[f"{name}_step"] = q.cpu().numpy(), step.cpu().numpy()
+                    elif s.attention_codec == "int8":
                         q, step = quantize(pick(x, 2).float())
                         out[name], out[f"{name}_step"] = q.cpu().numpy(), step.cpu().numpy()
                     else:

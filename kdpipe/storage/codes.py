@@ -1,5 +1,6 @@
 """The codes a cache is encoded with, fitted once at extraction (stage1_extract.calibrate) and stored beside
-the signals: the compact top-k's rank table, each int8 hidden layer's channel code and projection. Written when
+the signals: the compact top-k's rank table, each int8 hidden layer's channel code and projection, each projected
+attention layer's Q/K/V codes. Written when
 the store is created; read, and checked like every input, by the extractor's ranks, a resumed run and the reader."""
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ import zarr
 
 from kdpipe.storage.integrity import DamagedCache, open_array, read_rows
 from kdpipe.storage.manifest import Manifest
-from kdpipe.storage.schema import hidden_name, signal_row_problem
-from kdpipe.storage.signal_codec import HiddenCodec
+from kdpipe.storage.schema import attention_name, hidden_name, signal_row_problem
+from kdpipe.storage.signal_codec import FactorCodec, HiddenCodec
+
+PARTS = ("q", "k", "v")
 
 
 @dataclass
 class Codecs:
     id_table: np.ndarray | None = None  # rank -> token id (a permutation of the vocabulary)
     hidden: dict[int, HiddenCodec] = field(default_factory=dict)  # int8 hidden layer -> its code
+    factors: dict[tuple[int, str], FactorCodec] = field(default_factory=dict)  # (attention layer, "q"/"k"/"v")
 
 
 def write_codecs(group: zarr.Group, m: Manifest, codecs: Codecs, writable) -> None:
@@ -28,6 +32,11 @@ def write_codecs(group: zarr.Group, m: Manifest, codecs: Codecs, writable) -> No
         for layer in m.signals.hidden_layers:
             for suffix, values in codecs.hidden[layer].arrays().items():
                 writable(group, f"{hidden_name(layer)}_{suffix}")[:] = values
+    if m.signals.attention_rank:
+        for layer in m.signals.attention_layers:
+            for part in PARTS:
+                for suffix, values in codecs.factors[layer, part].arrays().items():
+                    writable(group, f"{attention_name(layer, part)}_{suffix}")[:] = values
 
 
 def read_codecs(group: zarr.Group, m: Manifest, where: str) -> Codecs:
@@ -51,6 +60,15 @@ def read_codecs(group: zarr.Group, m: Manifest, where: str) -> Codecs:
                 raise DamagedCache(f"{where}: the code of {name} ({name}_affine / _basis) is not finite with positive "
                                    f"scales: re-extract it with --overwrite")
             out.hidden[layer] = HiddenCodec.from_arrays(affine, basis)
+    if m.signals.attention_rank:
+        for layer in m.signals.attention_layers:
+            for part in PARTS:
+                name = attention_name(layer, part)
+                arrays = [read(f"{name}_{suffix}") for suffix in ("center", "encoder", "decoder")]
+                if not all(np.isfinite(a).all() for a in arrays):
+                    raise DamagedCache(f"{where}: the code of {name} ({name}_center / _encoder / _decoder) is not "
+                                       f"finite: re-extract it with --overwrite")
+                out.factors[layer, part] = FactorCodec.from_arrays(*arrays)
     return out
 
 

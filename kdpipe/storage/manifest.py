@@ -1,4 +1,4 @@
-"""The teacher-cache manifest (group attribute `kdpipe`), format versions 1-4 (see VERSION), all read.
+"""The teacher-cache manifest (group attribute `kdpipe`), format versions 1-5 (see VERSION), all read.
 
 The manifest is typed and validated on open: a store written by an unknown major version, or one
 whose manifest is damaged, is refused with a message instead of being misread.
@@ -21,9 +21,10 @@ from kdpipe.errors import UserError
 FORMAT = "kdpipe-cache"
 # 2: the compact top-k (signals.topk_codec) or compressed hidden states; 3: hidden states and attention at some
 # positions (signals.signal_positions), whose arrays an older kdpipe must not read as every position's; 4: the
-# compact sampled draws (signals.sampled_codec), whose rank gaps an older kdpipe would read as ids. A cache is
+# compact sampled draws (signals.sampled_codec), whose rank gaps an older kdpipe would read as ids; 5: attention
+# factors projected per head (signals.attention_rank), whose codes an older kdpipe would read as Q/K/V. A cache is
 # written with the lowest version that holds it (a float16 cache is still version 1)
-VERSION = 4
+VERSION = 5
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # a file name, never a path
 
 
@@ -118,7 +119,9 @@ class SignalSpec:
     # "int8" attention factors per (token, head) vector; `signal_sequences` of every work unit carry hidden
     # states and attention (0: all of them), at `signal_positions` of each sequence's positions (0: all; format
     # version 3: drawn per sequence, one per stratum or in `position_spans` contiguous spans, stored in
-    # `tokens/signal_positions`). The budget asked for, and
+    # `tokens/signal_positions`); format version 5: int8 factors projected per head to `attention_rank` of head_dim
+    # dimensions (0: all; storage.signal_codec.FactorCodec, its arrays `{name}_center/_encoder/_decoder`). The
+    # budget asked for, and
     # the error each layer's encoding measured on the calibration tokens (relative squared error, channel-scaled
     # hidden states / factors), are recorded.
     hidden_codec: str = "float16"
@@ -127,6 +130,7 @@ class SignalSpec:
     signal_sequences: int = 0
     signal_positions: int = 0
     position_spans: int = 0  # the positions as this many contiguous spans (0: one position per stratum)
+    attention_rank: int = 0
     signal_budget: float | None = None
     hidden_error: list[float] = field(default_factory=list)
     attention_error: list[float] = field(default_factory=list)
@@ -214,6 +218,8 @@ class Manifest:
              and 0 <= s.hidden_rank <= t.hidden_size and (s.hidden_codec == "int8" or not s.hidden_rank)
              and (s.attention_codec == "float16" or s.attention_form == "factors")
              and 0 <= s.signal_sequences <= lay.sequences_per_unit, "signals codecs"),
+            (0 <= s.attention_rank < t.head_dim and (s.attention_codec == "int8" or not s.attention_rank),
+             "signals.attention_rank"),
             (0 <= s.signal_positions <= d.seq_len and (not s.signal_positions or s.attention_form != "probs")
              and 0 <= s.position_spans <= s.signal_positions, "signals.signal_positions"),
             (s.sampler in ("multinomial", "systematic"), "signals.sampler"),

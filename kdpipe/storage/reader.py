@@ -243,7 +243,10 @@ class TeacherCache:
         out = []
         for part in "qkv":
             raw = self._read(attention_name(layer, part), rows)
-            if self.manifest.signals.attention_codec == "int8":
+            if self.manifest.signals.attention_rank:  # projected per head: back to head_dim by its decoder
+                step = self._read(f"{attention_name(layer, part)}_step", rows)
+                raw = self.codecs().factors[layer, part].decode(torch.from_numpy(raw), torch.from_numpy(step)).numpy()
+            elif self.manifest.signals.attention_codec == "int8":
                 raw = dequantize(raw, self._read(f"{attention_name(layer, part)}_step", rows)).numpy()
             out.append(raw.astype(np.float32))
         return tuple(out)

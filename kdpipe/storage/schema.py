@@ -219,8 +219,14 @@ def signal_specs(m: Manifest) -> list[ArraySpec]:
         for part, heads in (("q", teacher.num_heads), ("k", teacher.num_kv_heads), ("v", teacher.num_kv_heads)):
             name = attention_name(layer, part)
             if s.attention_codec == "int8":
-                specs += [ArraySpec(name, (n, heads, t, teacher.head_dim), "int8", "int8", **rows),
+                width = s.attention_rank or teacher.head_dim
+                specs += [ArraySpec(name, (n, heads, t, width), "int8", "int8", **rows),
                           ArraySpec(f"{name}_step", (n, heads, t), "float16", "floats", **rows)]
+                if s.attention_rank:  # its FactorCodec: per head a center, an encoder and a decoder
+                    specs += [ArraySpec(f"{name}_center", (heads, teacher.head_dim), "float32", "bytes",
+                                        per_sequence=False)]
+                    specs += [ArraySpec(f"{name}_{a}", (heads, teacher.head_dim, width), "float32", "bytes",
+                                        per_sequence=False) for a in ("encoder", "decoder")]
             else:
                 specs.append(ArraySpec(name, (n, heads, t, teacher.head_dim), "float16", "floats", **rows))
     return specs
