@@ -80,9 +80,10 @@ def describe_signals(sig: dict[str, Any]) -> str:
     if sig["attention_layers"] and sig.get("attention_codec") == "int8":
         rank = sig.get("attention_rank")
         errors = sig.get("attention_error") or []
-        error = f"; relative squared error {max(errors):.3g}" + (" of the scores q.k and v" if rank else "") \
-            if errors else ""
-        attention += f" (int8 per (token, head){f', projected to {rank} dims a head' if rank else ''}{error})"
+        width = f", projected to {rank} dims a head" if rank else ""
+        worst = ", the worst of the scores q.k and v" if rank else ""
+        error = f"; relative squared error {max(errors):.3g}{worst}" if errors else ""
+        attention += f" (int8 per (token, head){width}{error})"
     if sig.get("signal_sequences") and (sig["hidden_layers"] or sig["attention_layers"]):
         attention += f"; hidden states and attention for {sig['signal_sequences']} sequences of every work unit"
     if sig.get("signal_positions") and (sig["hidden_layers"] or sig["attention_layers"]):
