@@ -168,3 +168,12 @@ def test_a_crafted_factor_code_is_refused(pair, part, tmp_path):
     zarr.open_array(str(tmp_path / "c" / "attention" / f"layer_002_k_{part}"), mode="r+")[0, 1] = np.nan
     with pytest.raises(DamagedCache, match=r"the code of attention/layer_002_k \(.*_decoder\) is not finite"):
         TeacherCache(tmp_path / "c").attention_factors(2, [0])
+
+
+def test_verify_repairs_a_projected_factor_chunk_and_resume_restores_it(pair, tmp_path):
+    """A lost chunk of int8 codes is named by verify; the resume re-encodes that unit with the stored per-head
+    codes (not a new fit), so the repaired cache equals the original byte for byte."""
+    from test_signal_budget import lose_a_chunk_verify_then_resume
+
+    lose_a_chunk_verify_then_resume(pair[1], tmp_path / "c", "attention/layer_001_q", "sequences 8..15",
+                                    hidden_layers="none", attention_rank=4)
