@@ -21,6 +21,8 @@ from that batch side by side, so the online reference costs one teacher pass, no
   drawnbucket the same draws as a set: their exact probabilities (8-bit log-probabilities) and one bucket for
               the mass not drawn, the student's own shape inside it (bench only; drawnbucketM with M draws);
   RUN-noclip  any run above without the gradient-norm clipping at 1.0 that the others share;
+  RUN-lm      any run above plus 0.5 x the next-token cross-entropy (`--method kd --method lm:weight=0.5`, the
+              demo's recipe), compared with online-lm;
   RUN@S       any run above from the student initialization of seed S, with draws seeded S (the batches and
               held-out set stay seed 0's): the spread between seeds is what one run's gap can resolve.
 The cached signals are what `kdpipe extract --top-k 64 --sample-count 12` stores: computed by its own
@@ -58,6 +60,8 @@ from kdpipe.storage.codecs import dequantize_logprobs, quantize_logprobs  # noqa
 
 RUNS = ("online", "bucket", "sampled", "sampled_ht", "hybrid", "hybrid8", "systematic", "drawnbucket")
 DRAWN = ("systematic", "drawnbucket")  # the runs on systematic draws, by prefix
+VARIANTS = ("-noclip", "-lm")  # suffixes any run takes, in this order
+LM_WEIGHT = 0.5
 
 
 def seed_of(run: str) -> tuple[str, int]:
@@ -66,9 +70,18 @@ def seed_of(run: str) -> tuple[str, int]:
     return base, int(seed) if seed.isdigit() else 0
 
 
+def variant_of(run: str) -> tuple[str, str]:
+    """(the run without its `@S` and VARIANTS suffixes, those suffixes): ("systematic24", "-noclip-lm")."""
+    base, suffix = seed_of(run)[0], ""
+    for v in reversed(VARIANTS):
+        if base.endswith(v):
+            base, suffix = base.removesuffix(v), v + suffix
+    return base, suffix
+
+
 def draws_of(run: str) -> int | None:
     """M of a `systematicM` or `drawnbucketM` run (None for any other)."""
-    run = seed_of(run)[0].removesuffix("-noclip")
+    run = variant_of(run)[0]
     prefix = next((p for p in DRAWN if run.startswith(p)), None)
     return int(run[len(prefix):]) if prefix and run[len(prefix):].isdigit() else None
 
@@ -89,8 +102,7 @@ def drawn_bucket(logits, ids, counts, t_logp) -> torch.Tensor:
 
 def loss_of(run: str, logits, t_logits, sig: LogitSignals, t_logp, sys_sig: dict) -> torch.Tensor:
     """`sys_sig` maps (M, seed) to that seed's systematic draws (M 0: --sample-count's `systematic`)."""
-    base, seed = seed_of(run)
-    run = base.removesuffix("-noclip")
+    run, seed = variant_of(run)[0], seed_of(run)[1]
     if run.startswith("drawnbucket"):
         drawn = sys_sig[draws_of(run) or 0, seed]
         logp = torch.from_numpy(dequantize_logprobs(quantize_logprobs(drawn.sampled_logprobs.numpy())))
@@ -129,13 +141,13 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     runs = [r for r in args.runs.split(",") if r]
-    unknown = [r for r in runs if seed_of(r)[0].removesuffix("-noclip") not in RUNS and not draws_of(r)]
-    seeded = [r for r in runs if seed_of(r)[1] and seed_of(r)[0].removesuffix("-noclip") not in
-              ("online", *DRAWN) and not draws_of(r)]
+    unknown = [r for r in runs if variant_of(r)[0] not in RUNS and not draws_of(r)]
+    seeded = [r for r in runs if seed_of(r)[1] and variant_of(r)[0] not in ("online", *DRAWN) and not draws_of(r)]
     if seeded:
         raise SystemExit(f"{seeded}: only online and systematic runs take @SEED (the others' draws are seed 0's)")
     if unknown:
-        raise SystemExit(f"unknown runs {unknown}: choose from {RUNS}, each optionally with -noclip")
+        raise SystemExit(f"unknown runs {unknown}: choose from {RUNS}, each optionally with "
+                         f"{' and '.join(VARIANTS)}")
 
     path = str(smollm2_gguf())
     source = resolve_teacher(path)
@@ -158,8 +170,7 @@ def main() -> None:
                      seed=0)
     # the systematic draws each run needs, by (M, seed): M = --sample-count for `systematic` (key 0)
     def draws_key(run):
-        base, seed = seed_of(run)
-        return (0, seed) if base.removesuffix("-noclip") in DRAWN else (draws_of(run), seed)
+        return (0, seed_of(run)[1]) if variant_of(run)[0] in DRAWN else (draws_of(run), seed_of(run)[1])
     sys_specs = {(m, seed): dataclasses.replace(spec, top_k=1, sampler="systematic", seed=seed,
                                                 sample_count=m or args.sample_count)
                  for m, seed in sorted({draws_key(r) for r in runs if draws_key(r)[0] is not None})}
@@ -183,7 +194,11 @@ def main() -> None:
             student = trained[run][0]
             logits = student(input_ids=input_ids, use_cache=False).logits
             loss = loss_of(run, logits, t_logits, sig, t_logp, sys_sig)
-            norms[run].append(optimizer_step(loss, *trained[run], clip=0.0 if run.endswith("-noclip") else 1.0))
+            variant = variant_of(run)[1]
+            if "-lm" in variant:
+                next_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+                loss = loss + LM_WEIGHT * next_token
+            norms[run].append(optimizer_step(loss, *trained[run], clip=0.0 if "-noclip" in variant else 1.0))
             seconds[run] += time.perf_counter() - start
         if step % 50 == 0:
             print(f"step {step}: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), flush=True)
@@ -213,14 +228,14 @@ def main() -> None:
 
 
 def report(results: dict) -> None:
-    """Each run against online KD with the same clipping (RUN-noclip against online-noclip)."""
+    """Each run against online KD with the same variant (RUN-noclip against online-noclip, RUN-lm against online-lm)."""
     print(f"\none pass: {results['train_sequences']} sequences x {results['seq_len']} of Shakespeare's plays, "
           f"each once; {results['steps']} steps of {results['batch_size']}; {results['held_out_sequences']} held out")
     print(f"{'run':18} {'held-out ppl':>12} {'vs online':>9} {'KL':>8} {'vs online':>9} {'ECE':>7} {'train s':>8} "
           f"{'|g| median':>10} {'clipped':>7}")
     for run, r in results["runs"].items():
-        base, seed = seed_of(run)
-        online = ("online-noclip" if base.endswith("-noclip") else "online") + (f"@{seed}" if seed else "")
+        seed = seed_of(run)[1]
+        online = "online" + variant_of(run)[1] + (f"@{seed}" if seed else "")
         ref = results["runs"].get(online)
         gap = (lambda key: "" if ref is None or run == online else f"{100 * (r[key] / ref[key] - 1):+.2f}%")
         norm = f"{r['grad_norm_median']:10.2f} {r['clipped']:7.0%}" if "clipped" in r else ""
