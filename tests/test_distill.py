@@ -295,22 +295,27 @@ def test_zero_student_training_matches_plain_training(every_signal, tmp_path):
     methods = [f"{m}:weight=0.1" for m in LAYER_METHODS] + ["kd:temperature=2"]
     args = ["--cache", str(every_signal), "--student", "teacher:layers=2,hidden=16", "--steps", "6", "--batch-size",
             "4", "--eval-sequences", "8", "--save-every", "3", "--quiet", *[x for m in methods for x in ("--method", m)]]
+    # one thread each: the four runs go side by side (each is mostly its start-up), and every run the same
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                           "MASTER_PORT")}
+                                                           "MASTER_PORT")} | {"OMP_NUM_THREADS": "1"}
 
-    def distill_cli(out, *extra):
-        proc = subprocess.run([sys.executable, "-m", "kdpipe.cli", "distill", *args, "--out", str(out), *extra],
-                              env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    def start(out, *extra):
+        return subprocess.Popen([sys.executable, "-m", "kdpipe.cli", "distill", *args, "--out", str(out), *extra],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def final_of(out, proc):
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
         return json.loads((out / "final.json").read_text())["final"]
 
-    plain = distill_cli(tmp_path / "plain")
     configs = {"zero2": {"stage": 2}, "zero3": {"stage": 3}, "offload": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
     for name, zero in configs.items():
-        config = tmp_path / f"{name}.json"
-        config.write_text(json.dumps({"zero_optimization": zero}))
-        final = distill_cli(tmp_path / name, "--deepspeed", str(config))
-        assert final == pytest.approx(plain, rel=1e-4), name
+        (tmp_path / f"{name}.json").write_text(json.dumps({"zero_optimization": zero}))
+    runs = {"plain": start(tmp_path / "plain")}
+    runs |= {name: start(tmp_path / name, "--deepspeed", str(tmp_path / f"{name}.json")) for name in configs}
+    finals = {name: final_of(tmp_path / name, proc) for name, proc in runs.items()}
+    for name in configs:
+        assert finals[name] == pytest.approx(finals["plain"], rel=1e-4), name
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name / "student")
         assert reloaded.config.num_hidden_layers == 2
     # resume under ZeRO from the step-3 checkpoint reaches the same student
@@ -318,7 +323,7 @@ def test_zero_student_training_matches_plain_training(every_signal, tmp_path):
     shutil.rmtree(run / "checkpoints" / "step_0000006")
     shutil.rmtree(run / "student")
     (run / "final.json").unlink()
-    distill_cli(run, "--deepspeed", str(tmp_path / "zero3.json"), "--resume")
+    final_of(run, start(run, "--deepspeed", str(tmp_path / "zero3.json"), "--resume"))
     a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain" / "student").state_dict()
     b = transformers.AutoModelForCausalLM.from_pretrained(run / "student").state_dict()
     for name in a:

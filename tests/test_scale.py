@@ -4,6 +4,7 @@ a full disk. Each run is a real `kdpipe` process."""
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,34 @@ def kdpipe_extract(teacher: Path, corpus: Path, out: Path, *extra: str, launcher
     cmd = [*(launcher or [sys.executable]), "-m", "kdpipe.cli", "extract", "--teacher", str(teacher),
            "--data", str(corpus), "--out", str(out), *SIGNALS, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env(**env_extra), timeout=600)
+
+
+def side_by_side(calls: dict) -> dict:
+    """kdpipe_extract(*args, **kwargs) for every key's (args, kwargs) at once: each run is one thread and mostly
+    its start-up, so two cores run them in about half the time."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = {key: pool.submit(kdpipe_extract, *args, **kwargs) for key, (args, kwargs) in calls.items()}
+    return {key: future.result() for key, future in futures.items()}
+
+
+def kill_then_resume(root: Path, teacher: Path, corpus: Path, crashes: list[str], *extra: str) -> dict:
+    """Each crash ("UNIT:mid|after") killed with SIGKILL there, what its store then reads as, and its resume:
+    {crash: (killed, (progress, complete, the error a complete read raises), resumed, store)}."""
+    outs = {crash: root / crash.replace(":", "-") for crash in crashes}
+    killed = side_by_side({c: ((teacher, corpus, out, *extra), {CRASH_ENV: c}) for c, out in outs.items()})
+
+    def partial(out: Path) -> tuple:
+        cache = TeacherCache(out, allow_partial=True)
+        try:
+            TeacherCache(out)
+            error = ""
+        except UserError as e:
+            error = str(e)
+        return cache.progress(), cache.manifest.complete, error
+
+    seen = {crash: partial(out) for crash, out in outs.items()}
+    resumed = side_by_side({c: ((teacher, corpus, out, *extra, "--resume"), {}) for c, out in outs.items()})
+    return {crash: (killed[crash], seen[crash], resumed[crash], outs[crash]) for crash in crashes}
 
 
 def arrays_of(path: Path) -> dict[str, np.ndarray]:
@@ -113,13 +142,19 @@ def test_two_ranks_at_some_positions_of_every_sequence_equal_one_rank(teachers, 
     assert_same_store(tmp_path / "two", tmp_path / "one")
 
 
-@pytest.mark.parametrize("crash", ["0:mid", "4:after"])
-def test_sigkill_with_a_signal_budget_then_resume_equals_uninterrupted(crash, budget_baseline, teachers, corpus,
-                                                                      tmp_path):
-    out = tmp_path / "cache"
-    killed = kdpipe_extract(teachers["llama"], corpus, out, *BUDGET, **{CRASH_ENV: crash})
+BUDGET_CRASHES = ["0:mid", "4:after"]
+
+
+@pytest.fixture(scope="module")
+def budget_crashed(teachers, corpus, tmp_path_factory) -> dict:
+    return kill_then_resume(tmp_path_factory.mktemp("budget_crashed"), teachers["llama"], corpus, BUDGET_CRASHES,
+                            *BUDGET)
+
+
+@pytest.mark.parametrize("crash", BUDGET_CRASHES)
+def test_sigkill_with_a_signal_budget_then_resume_equals_uninterrupted(crash, budget_crashed, budget_baseline):
+    killed, _, resumed, out = budget_crashed[crash]
     assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = kdpipe_extract(teachers["llama"], corpus, out, *BUDGET, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_store(out, budget_baseline)
 
@@ -152,21 +187,25 @@ def test_deepspeed_nvme_offload_matches_hf(corpus, tmp_path):
     np.testing.assert_allclose(a.hidden(2), b.hidden(2), rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("crash", ["0:mid", "3:mid", "5:after", "9:after"])
-def test_sigkill_then_resume_equals_uninterrupted(crash, baseline, teachers, corpus, tmp_path):
+CRASHES = ["0:mid", "3:mid", "5:after", "9:after"]
+
+
+@pytest.fixture(scope="module")
+def crashed(teachers, corpus, tmp_path_factory) -> dict:
+    return kill_then_resume(tmp_path_factory.mktemp("crashed"), teachers["llama"], corpus, CRASHES)
+
+
+@pytest.mark.parametrize("crash", CRASHES)
+def test_sigkill_then_resume_equals_uninterrupted(crash, crashed, baseline):
     """Killed with SIGKILL with 0 units done, some done (one half-written), and all but one done."""
     units = TeacherCache(baseline).manifest.layout.num_units
     assert units == 11
-    out = tmp_path / "cache"
-    killed = kdpipe_extract(teachers["llama"], corpus, out, **{CRASH_ENV: crash})
+    killed, (progress, complete, error), resumed, out = crashed[crash]
     assert killed.returncode == -9, killed.stderr[-2000:]
-    partial = TeacherCache(out, allow_partial=True)
     unit, stage = crash.split(":")
     expected_done = int(unit) + (stage == "after")
-    assert partial.progress() == (expected_done, units) and not partial.manifest.complete
-    with pytest.raises(UserError, match="incomplete"):
-        TeacherCache(out)
-    resumed = kdpipe_extract(teachers["llama"], corpus, out, "--resume")
+    assert progress == (expected_done, units) and not complete
+    assert "incomplete" in error, "a complete read of a killed store must refuse it"
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"wrote {44 - 4 * expected_done} sequences" in resumed.stdout
     assert TeacherCache(out).manifest.complete
