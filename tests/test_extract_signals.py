@@ -11,7 +11,7 @@ import transformers
 
 from kdpipe.errors import UserError
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
-from kdpipe.stage1_extract.logits import LogitSignals, LogitSpec, systematic_counts
+from kdpipe.stage1_extract.logits import LogitSignals, LogitSpec, distinct_counts, systematic_draws
 from kdpipe.storage.codecs import LOGPROB_FLOOR, LOGPROB_STEP
 from kdpipe.storage.reader import TeacherCache
 from tiny import FAMILIES, WINDOW
@@ -220,7 +220,7 @@ def test_logsumexp_and_tail_at_t1_and_t2_match_float64_down_to_tails_below_float
             assert (signals.logtail[..., i] < -80).all()
 
 
-def test_systematic_counts_are_unbiased_by_exact_enumeration_and_never_off_by_one():
+def test_systematic_draws_are_unbiased_by_exact_enumeration_and_never_off_by_one():
     """E[count_i] = m p_i over the offset u, integrated exactly: count(u) is constant between the breakpoints
     frac(m C_i), so its mean is the length-weighted sum over those pieces. Peaked rows, a 1e-12 tail, zeros."""
     g = torch.Generator().manual_seed(0)
@@ -233,7 +233,9 @@ def test_systematic_counts_are_unbiased_by_exact_enumeration_and_never_off_by_on
             cuts = torch.cat([torch.zeros(1, dtype=torch.float64), torch.frac(m * cdf), torch.ones(1, dtype=torch.float64)])
             cuts = cuts.unique()  # sorted
             mid, width = ((cuts[1:] + cuts[:-1]) / 2).view(-1, 1), cuts[1:] - cuts[:-1]
-            counts = systematic_counts(w.expand(len(mid), -1), m, mid, block=block)
+            draws = systematic_draws(w.expand(len(mid), -1), m, mid, block=block)
+            counts = torch.zeros(len(mid), len(w), dtype=torch.float64).scatter_add_(1, draws, torch.ones_like(
+                draws, dtype=torch.float64))
             assert (counts.sum(-1) == m).all()
             expected = (counts * width.view(-1, 1)).sum(0)
             # block sums are float32 (relative error ~1e-7): the offsets that move a point across a block's
@@ -243,6 +245,19 @@ def test_systematic_counts_are_unbiased_by_exact_enumeration_and_never_off_by_on
             assert (counts[:, p == 0] == 0).all(), "a token of probability 0 is never drawn"
             variance = (((counts - m * p) ** 2) * width.view(-1, 1)).sum(0)
             assert (variance <= 0.25 + 1e-5).all()  # independent draws: m p (1 - p), up to m / 4
+
+
+def test_distinct_counts_equal_a_dense_count_of_the_draws():
+    """The m draws' distinct ids with their counts, most drawn first, are the dense count over the vocabulary."""
+    g = torch.Generator().manual_seed(0)
+    draws = torch.randint(0, 7, (50, 12), generator=g)  # many repeats
+    draws[0], draws[1] = 3, torch.arange(12).flip(0)  # one id drawn m times; m distinct ids
+    ids, counts = distinct_counts(draws)
+    dense = torch.zeros(50, 12, dtype=torch.long).scatter_add_(1, draws, torch.ones_like(draws))
+    assert torch.equal(torch.zeros_like(dense).scatter_add_(1, ids, counts), dense)  # the padding adds 0 to id 0
+    assert torch.equal((counts > 0).sum(-1), (dense > 0).sum(-1)), "each drawn id in one slot"
+    assert (counts[:, 1:] <= counts[:, :-1]).all() and (ids[counts == 0] == 0).all()
+    assert counts[0, 0] == 12 and ids[0, 0] == 3 and torch.equal(ids[1], torch.arange(12))  # ties by id
 
 
 def test_fingerprint_same_for_same_tokens_differs_for_one_token(teachers, corpus, tmp_path):

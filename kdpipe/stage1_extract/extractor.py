@@ -56,7 +56,7 @@ class ExtractConfig:
     sample_count: int = 0
     sample_temperature: float = 1.0
     sample_logprobs: bool = True  # the drawn ids' log-probabilities: weights for other temperatures
-    sampler: str = "systematic"  # or "multinomial" (stage1_extract.logits.systematic_counts)
+    sampler: str = "systematic"  # or "multinomial" (stage1_extract.logits.systematic_draws)
     seed: int = 0
     hidden_layers: str = "none"
     hidden_dtype: str = "float16"

@@ -23,7 +23,7 @@ class LogitSpec:
     rows: int = 512
     sample_count: int = 0
     sample_temperature: float = 1.0
-    sampler: str = "multinomial"  # or "systematic" (systematic_counts)
+    sampler: str = "multinomial"  # or "systematic" (systematic_draws)
     seed: int = 0
     scale: float = 1.0  # what the model multiplies its head's output by (Granite, Cohere, Falcon-H1)
     softcap: float | None = None  # final-logit soft-capping (Gemma 2 style), applied as the model does
@@ -120,13 +120,13 @@ class LogitSignals:
             if spec.sampler == "systematic":
                 offsets = torch.rand(weights.shape[1], 1, dtype=torch.float64, generator=self._generator,
                                      device=weights.device)
-                counts = systematic_counts(weights[j], spec.sample_count, offsets)
+                draws = systematic_draws(weights[j], spec.sample_count, offsets)
             else:
                 draws = torch.multinomial(weights[j], spec.sample_count, replacement=True, generator=self._generator)
-                counts = torch.zeros_like(weights[j]).scatter_add_(1, draws, torch.ones_like(draws, dtype=weights.dtype))
-            top_counts, top_ids = counts.topk(min(spec.sample_count, counts.shape[-1]), dim=-1)
-            self.sampled_ids[b0 + j, t0:t1] = torch.where(top_counts > 0, top_ids, 0)
-            self.sampled_counts[b0 + j, t0:t1] = top_counts.long()
+            ids, counts = distinct_counts(draws)
+            width = self.sampled_ids.shape[-1]  # min(m, V): at most V distinct ids, the rest unused slots
+            self.sampled_ids[b0 + j, t0:t1] = ids[:, :width]
+            self.sampled_counts[b0 + j, t0:t1] = counts[:, :width]
         return shifted.gather(-1, self.sampled_ids[b0:b0 + shifted.shape[0], t0:t1])
 
 
@@ -150,8 +150,22 @@ def _tail_sums(rest: torch.Tensor, temperatures: Sequence[float]) -> list[torch.
     return [sums[t] if t in sums else (rest / t).exp().sum(-1) for t in temperatures]
 
 
-def systematic_counts(weights: torch.Tensor, m: int, offsets: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """Counts [T, V] of m systematic draws per row of unnormalized `weights` [T, V]: the points (u + j) / m,
+def distinct_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct ids of each row of `draws` [T, m] and how often each was drawn, both [T, m]: the most drawn
+    first (ties by id), the unused slots id 0 and count 0. Works on the m draws alone; a dense [T, V] count and
+    its top-m would cost a pass over the vocabulary."""
+    ids = draws.sort(-1).values
+    new = torch.ones_like(ids, dtype=torch.bool)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    group = new.cumsum(-1) - 1  # [T, m]: which distinct id each sorted draw is
+    counts = torch.zeros_like(ids).scatter_add_(1, group, torch.ones_like(ids))
+    distinct = torch.zeros_like(ids).scatter_(1, group, ids)  # a group's draws all write its one id
+    counts, order = counts.sort(dim=-1, descending=True, stable=True)
+    return distinct.gather(1, order), counts
+
+
+def systematic_draws(weights: torch.Tensor, m: int, offsets: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """The ids [T, m] of m systematic draws per row of unnormalized `weights` [T, V]: the points (u + j) / m,
     j < m, one uniform offset u [T, 1] per row, located in the row's cumulative distribution.
 
     Each token's expected count is m * p_i exactly, as with m independent draws, so count / m estimates p
@@ -177,9 +191,7 @@ def systematic_counts(weights: torch.Tensor, m: int, offsets: torch.Tensor, bloc
     inner = padded.gather(1, blk.unsqueeze(-1).expand(t, m, block)).double().cumsum(-1)  # [T, m, block]
     inner = inner / inner[..., -1:]  # not in place: the divisor is a view of the same tensor
     pos = torch.searchsorted(inner, within.unsqueeze(-1), right=True).squeeze(-1).clamp_(max=block - 1)
-    drawn = (blk * block + pos).clamp_(max=v - 1)
-    counts = torch.zeros(t, v, dtype=weights.dtype, device=weights.device)  # counts <= m: exact in float32
-    return counts.scatter_add_(1, drawn, torch.ones_like(drawn, dtype=weights.dtype))
+    return (blk * block + pos).clamp_(max=v - 1)
 
 
 def _windows(b: int, t: int, rows: int):
