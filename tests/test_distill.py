@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from kdpipe.stage2_distill.methods.annealing_kd import AnnealingKD
 from kdpipe.stage2_distill.trainer import DistillConfig, distill
 from kdpipe.storage.reader import TeacherCache
 from test_cli import assert_user_error, kdpipe
-from tiny import save_teacher
+from tiny import save_teacher, side_by_side
 
 
 @pytest.fixture(scope="module")
@@ -299,21 +300,18 @@ def test_zero_student_training_matches_plain_training(every_signal, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")} | {"OMP_NUM_THREADS": "1"}
 
-    def start(out, *extra):
-        return subprocess.Popen([sys.executable, "-m", "kdpipe.cli", "distill", *args, "--out", str(out), *extra],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def final_of(out, proc):
-        _, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-3000:]
+    def distill_cli(out, *extra):
+        proc = subprocess.run([sys.executable, "-m", "kdpipe.cli", "distill", *args, "--out", str(out), *extra],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads((out / "final.json").read_text())["final"]
 
     configs = {"zero2": {"stage": 2}, "zero3": {"stage": 3}, "offload": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
     for name, zero in configs.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({"zero_optimization": zero}))
-    runs = {"plain": start(tmp_path / "plain")}
-    runs |= {name: start(tmp_path / name, "--deepspeed", str(tmp_path / f"{name}.json")) for name in configs}
-    finals = {name: final_of(tmp_path / name, proc) for name, proc in runs.items()}
+    finals = side_by_side({"plain": partial(distill_cli, tmp_path / "plain")} |
+                          {name: partial(distill_cli, tmp_path / name, "--deepspeed", str(tmp_path / f"{name}.json"))
+                           for name in configs})
     for name in configs:
         assert finals[name] == pytest.approx(finals["plain"], rel=1e-4), name
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name / "student")
@@ -323,7 +321,7 @@ def test_zero_student_training_matches_plain_training(every_signal, tmp_path):
     shutil.rmtree(run / "checkpoints" / "step_0000006")
     shutil.rmtree(run / "student")
     (run / "final.json").unlink()
-    final_of(run, start(run, "--deepspeed", str(tmp_path / "zero3.json"), "--resume"))
+    distill_cli(run, "--deepspeed", str(tmp_path / "zero3.json"), "--resume")
     a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain" / "student").state_dict()
     b = transformers.AutoModelForCausalLM.from_pretrained(run / "student").state_dict()
     for name in a:

@@ -4,7 +4,7 @@ a full disk. Each run is a real `kdpipe` process."""
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ import zarr
 from kdpipe.errors import UserError
 from kdpipe.storage.reader import TeacherCache
 from kdpipe.storage.writer import CRASH_ENV
-from tiny import save_teacher, small_disk
+from tiny import save_teacher, side_by_side, small_disk
 
 SIGNALS = ["--seq-len", "32", "--top-k", "8", "--temperatures", "1,2", "--sample-count", "4", "--hidden-layers",
            "all", "--attention-layers", "all", "--interchange", "all", "--sequences-per-unit", "4", "--quiet"]
@@ -33,21 +33,14 @@ def kdpipe_extract(teacher: Path, corpus: Path, out: Path, *extra: str, launcher
     return subprocess.run(cmd, capture_output=True, text=True, env=env(**env_extra), timeout=600)
 
 
-def side_by_side(calls: dict) -> dict:
-    """kdpipe_extract(*args, **kwargs) for every key's (args, kwargs) at once: each run is one thread and mostly
-    its start-up, so two cores run them in about half the time."""
-    with ThreadPoolExecutor(len(calls)) as pool:
-        futures = {key: pool.submit(kdpipe_extract, *args, **kwargs) for key, (args, kwargs) in calls.items()}
-    return {key: future.result() for key, future in futures.items()}
-
-
 def kill_then_resume(root: Path, teacher: Path, corpus: Path, crashes: list[str], *extra: str) -> dict:
     """Each crash ("UNIT:mid|after") killed with SIGKILL there, what its store then reads as, and its resume:
     {crash: (killed, (progress, complete, the error a complete read raises), resumed, store)}."""
     outs = {crash: root / crash.replace(":", "-") for crash in crashes}
-    killed = side_by_side({c: ((teacher, corpus, out, *extra), {CRASH_ENV: c}) for c, out in outs.items()})
+    killed = side_by_side({c: partial(kdpipe_extract, teacher, corpus, out, *extra, **{CRASH_ENV: c})
+                           for c, out in outs.items()})
 
-    def partial(out: Path) -> tuple:
+    def state_of(out: Path) -> tuple:
         cache = TeacherCache(out, allow_partial=True)
         try:
             TeacherCache(out)
@@ -56,8 +49,9 @@ def kill_then_resume(root: Path, teacher: Path, corpus: Path, crashes: list[str]
             error = str(e)
         return cache.progress(), cache.manifest.complete, error
 
-    seen = {crash: partial(out) for crash, out in outs.items()}
-    resumed = side_by_side({c: ((teacher, corpus, out, *extra, "--resume"), {}) for c, out in outs.items()})
+    seen = {crash: state_of(out) for crash, out in outs.items()}
+    resumed = side_by_side({c: partial(kdpipe_extract, teacher, corpus, out, *extra, "--resume")
+                            for c, out in outs.items()})
     return {crash: (killed[crash], seen[crash], resumed[crash], outs[crash]) for crash in crashes}
 
 
