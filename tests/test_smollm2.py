@@ -58,6 +58,39 @@ def test_smollm2_cache_matches_full_forward(smollm2, tmp_path):
     assert mass.max() <= 1 + 1e-4
 
 
+def test_gguf_metadata_is_parsed_once_per_block(smollm2, monkeypatch):
+    """transformers parses a GGUF's metadata for the config, the tokenizer and the weights alike; inside
+    `gguf_parsed_once` they share one reader (real gguf, counted), and load what separate parses load."""
+    import gguf
+
+    from kdpipe import modelio
+    from kdpipe.stage1_extract.teacher import load_tokenizer
+    from kdpipe.storage.fingerprint import tokenizer_fingerprint
+
+    path, model, tokenizer = smollm2
+    parsed = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            parsed.append(str(path))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    monkeypatch.setattr(modelio, "_CONFIGS", {})  # the config is read afresh, not from the fixture's load
+    source = modelio.resolve_teacher(str(path))
+    with modelio.gguf_parsed_once():
+        config = modelio.load_config(source)
+        shared = load_tokenizer(None, source)
+    assert parsed == [str(path)]
+    assert gguf.GGUFReader is CountingReader and modelio._GGUF_READERS is None  # restored, released
+    alone = load_tokenizer(None, source)
+    monkeypatch.setattr(modelio, "_CONFIGS", {})
+    config_alone = modelio.load_config(source)
+    assert len(parsed) == 3
+    assert tokenizer_fingerprint(shared) == tokenizer_fingerprint(alone) == tokenizer_fingerprint(tokenizer)
+    assert config.to_dict() == config_alone.to_dict()
+
+
 def test_demo_runs_offline_and_reports_what_it_wrote(tmp_path):
     try:
         smollm2_gguf()

@@ -135,6 +135,7 @@ def real_teacher(locate):
     import pytest
 
     from kdpipe.errors import UserError
+    from kdpipe.modelio import gguf_parsed_once
     from kdpipe.stage1_extract.teacher import load_teacher, load_tokenizer, resolve_teacher
 
     try:
@@ -142,7 +143,8 @@ def real_teacher(locate):
     except UserError as exc:
         pytest.skip(str(exc))
     source = resolve_teacher(str(path))
-    return path, load_teacher(source), load_tokenizer(None, source)
+    with gguf_parsed_once():
+        return path, load_teacher(source), load_tokenizer(None, source)
 
 
 def side_by_side(calls: dict) -> dict:

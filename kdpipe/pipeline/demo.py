@@ -16,7 +16,7 @@ import click
 from kdpipe.console import quiet_libraries
 from kdpipe.errors import UserError
 from kdpipe.pipeline.report import cache_summary
-from kdpipe.modelio import load_teacher, resolve_teacher, smollm2_gguf
+from kdpipe.modelio import gguf_parsed_once, load_teacher, resolve_teacher, smollm2_gguf
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
 from kdpipe.jsonfile import read_json, write_json
 from kdpipe.stage2_distill.evaluate import evaluate_model
@@ -73,11 +73,12 @@ def run_demo(out: str, sequences: int, seq_len: int, steps: int, quiet: bool) ->
     if quiet:
         quiet_libraries()
     complete = same and previous.complete
-    model = None if complete else load_teacher(resolve_teacher(str(teacher)))
-    extracted = extract(ExtractConfig(
-        teacher=str(teacher), data=[str(DEMO_CORPUS)], out=cache, seq_len=seq_len, batch_size=8, top_k=64,
-        temperatures=[1.0, 2.0], sample_count=32, hidden_layers="uniform:3", max_sequences=sequences,
-        resume=same, overwrite=not same, quiet=quiet), model)
+    with gguf_parsed_once():  # the GGUF's metadata parsed once for the weights here and extraction's tokenizer
+        model = None if complete else load_teacher(resolve_teacher(str(teacher)))
+        extracted = extract(ExtractConfig(
+            teacher=str(teacher), data=[str(DEMO_CORPUS)], out=cache, seq_len=seq_len, batch_size=8, top_k=64,
+            temperatures=[1.0, 2.0], sample_count=32, hidden_layers="uniform:3", max_sequences=sequences,
+            resume=same, overwrite=not same, quiet=quiet), model)
     checked = verify(cache)
     if not checked.ok:
         raise UserError(f"the demo cache failed verification: {checked.problems[0]}")

@@ -31,7 +31,7 @@ from kdpipe.storage.manifest import DataInfo, EngineInfo, Layout, Manifest, Sign
 from kdpipe.storage.schema import array_specs, unit_range
 from kdpipe.storage.sampled_codec import CODEC as SAMPLED_CODEC
 from kdpipe.storage.topk_codec import CODEC, ERROR_BOUND
-from kdpipe.modelio import check_device, load_config
+from kdpipe.modelio import check_device, gguf_parsed_once, load_config, release_gguf_readers
 from kdpipe.storage.lock import DirectoryLock, describe
 from kdpipe.storage.writer import (UnitWriter, check_out, finalize, open_store, prepare_store, read_manifest,
                                    units_done)
@@ -167,19 +167,20 @@ def extract(cfg: ExtractConfig, model=None, tokenizer=None) -> ExtractResult:
     source = resolve_teacher(cfg.teacher)
     files = expand_sources(cfg.data)
     check_out(cfg.out, cfg.resume, cfg.overwrite)
-    _check_against_config(cfg, load_config(source, cfg.trust_remote_code))
-    configure_threads()
-    if cfg.quiet:
-        quiet_libraries()
-    ranks = Ranks.from_env(cfg.device, needed=cfg.engine == "deepspeed")
-    lock = DirectoryLock(cfg.out, "teacher cache")
-    ranks.first(lock.acquire)  # one writer per store: rank 0 holds its lock
-    try:
-        if lock.took_over:
-            say(f"took over the lock of {describe(lock.took_over)}, which is no longer running")
-        return _extract(cfg, source, files, ranks, model, tokenizer)
-    finally:
-        lock.release()
+    with gguf_parsed_once():  # a .gguf teacher's config, tokenizer and weights from one parse of its metadata
+        _check_against_config(cfg, load_config(source, cfg.trust_remote_code))
+        configure_threads()
+        if cfg.quiet:
+            quiet_libraries()
+        ranks = Ranks.from_env(cfg.device, needed=cfg.engine == "deepspeed")
+        lock = DirectoryLock(cfg.out, "teacher cache")
+        ranks.first(lock.acquire)  # one writer per store: rank 0 holds its lock
+        try:
+            if lock.took_over:
+                say(f"took over the lock of {describe(lock.took_over)}, which is no longer running")
+            return _extract(cfg, source, files, ranks, model, tokenizer)
+        finally:
+            lock.release()
 
 
 def _extract(cfg: ExtractConfig, source, files, ranks: Ranks, model, tokenizer) -> ExtractResult:
@@ -195,6 +196,7 @@ def _extract(cfg: ExtractConfig, source, files, ranks: Ranks, model, tokenizer) 
             model, _ = load_deepspeed_teacher(source, cfg.dtype, cfg.device, cfg.offload, cfg.nvme_path,
                                               cfg.deepspeed, cfg.trust_remote_code)
     model = model or load_teacher(source, cfg.dtype, cfg.device, cfg.trust_remote_code)
+    release_gguf_readers()
     manifest, tokens, (chosen, shapes) = _plan(cfg, source, model, tokenizer, files, engine)
     if cfg.signal_budget is not None and ranks.rank == 0:
         sizes = budget.bytes_per_token(chosen, shapes)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kdpipe.capture import find_blocks, self_attention, text_config
-from kdpipe.modelio import ALIASES, TeacherSource, load_teacher, resolve_teacher  # noqa: F401  (re-exported)
+from kdpipe.modelio import ALIASES, TeacherSource, gguf_parsed_once, load_teacher, resolve_teacher  # noqa: F401
 from kdpipe.errors import UserError
 from kdpipe.storage.fingerprint import (config_fingerprint, files_fingerprint, tokenizer_fingerprint,
                                         vocab_fingerprint, weight_files)
@@ -119,7 +119,9 @@ def export_gguf(source: TeacherSource, out: Path) -> Path:
     build the model themselves (DeepSpeed's zero.Init) can load it. transformers refuses to
     `save_pretrained` a GGUF-loaded model, so its weights go into a fresh model of the same config."""
 
-    model = load_teacher(source)
+    with gguf_parsed_once():
+        model = load_teacher(source)
+        tokenizer = load_tokenizer(None, source)
     fresh = type(model)(model.config)
     fresh.load_state_dict(model.state_dict())
     fresh.config.quantization_config = None
@@ -127,5 +129,5 @@ def export_gguf(source: TeacherSource, out: Path) -> Path:
         del fresh.config.quantization_config
     out.mkdir(parents=True, exist_ok=True)
     fresh.save_pretrained(out)
-    load_tokenizer(None, source).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
