@@ -133,7 +133,7 @@ def main() -> None:
 def new_student(teacher_info, args, seed: int = 0):
     """The bench's student, optimizer and schedule: the same initialization (of `seed`) and schedule for every
     run."""
-    student = build_student(STUDENT, teacher_info, seed=seed).model.train()
+    student = build_student(getattr(args, "student", STUDENT), teacher_info, seed=seed).model.train()
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(DistillConfig(cache=[], student="", out="",
                                                                            steps=args.steps, warmup=0.1)))

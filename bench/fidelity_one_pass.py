@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity import full_kl, held_out_metrics, new_student, optimizer_step, topk_and_tail_draws  # noqa: E402
+from fidelity import STUDENT, full_kl, held_out_metrics, new_student, optimizer_step, topk_and_tail_draws  # noqa: E402
 
 from kdpipe.modelio import load_teacher, resolve_teacher  # noqa: E402
 from kdpipe.pipeline.demo import smollm2_gguf  # noqa: E402
@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--eval-sequences", type=int, default=64)
     ap.add_argument("--sample-count", type=int, default=12)
     ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--student", default=STUDENT, help="the student's spec, as `kdpipe distill --student`")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -204,7 +205,8 @@ def main() -> None:
             print(f"step {step}: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), flush=True)
 
     results = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
-               "sample_count": args.sample_count, "train_sequences": args.steps * args.batch_size,
+               "sample_count": args.sample_count, "student": args.student,
+               "train_sequences": args.steps * args.batch_size,
                "held_out_sequences": len(held_out), "files": len(files), "seconds": seconds, "runs": {}}
     eval_ids = torch.from_numpy(rows[held_out.numpy()]).long()
     for run in runs:
@@ -214,9 +216,10 @@ def main() -> None:
                                 "clipped": float((g > 1.0).mean())}
         print(f"  {run}: ppl {ppl:.2f}, KL {kl:.4f}, ECE {ece:.4f}", flush=True)
     out = work / "one_pass.json"
-    settings = ("steps", "batch_size", "seq_len", "lr", "sample_count", "held_out_sequences", "files")
+    settings = ("steps", "batch_size", "seq_len", "lr", "sample_count", "held_out_sequences", "files", "student")
     old = json.loads(out.read_text()) if out.exists() else None
-    if old and any(old.get(k) != results[k] for k in settings):  # other settings: never mixed, never overwritten
+    old_settings = {"student": STUDENT, **(old or {})}  # results of before --student are the default student's
+    if old and any(old_settings.get(k) != results[k] for k in settings):  # other settings: a new file
         out = work / f"one_pass-{time.strftime('%Y%m%d-%H%M%S')}.json"
     elif old:  # an earlier run's students (other --runs) stay: same batches, same seed
         results["runs"] = {**old["runs"], **results["runs"]}
@@ -229,7 +232,8 @@ def main() -> None:
 
 def report(results: dict) -> None:
     """Each run against online KD with the same variant (RUN-noclip against online-noclip, RUN-lm against online-lm)."""
-    print(f"\none pass: {results['train_sequences']} sequences x {results['seq_len']} of Shakespeare's plays, "
+    print(f"\nstudent {results.get('student', STUDENT)}; one pass: {results['train_sequences']} sequences x "
+          f"{results['seq_len']} of Shakespeare's plays, "
           f"each once; {results['steps']} steps of {results['batch_size']}; {results['held_out_sequences']} held out")
     print(f"{'run':18} {'held-out ppl':>12} {'vs online':>9} {'KL':>8} {'vs online':>9} {'ECE':>7} {'train s':>8} "
           f"{'|g| median':>10} {'clipped':>7}")
