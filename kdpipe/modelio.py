@@ -110,8 +110,8 @@ _GGUF_READERS: dict[tuple, Any] | None = None  # (path, size, mtime) -> gguf.GGU
 def gguf_parsed_once():
     """Inside, each GGUF file's metadata is parsed once for every load of it. transformers parses a GGUF
     file's metadata, its whole vocabulary included, for the config, again for the tokenizer and again for the
-    weights: ~12 s each for Gemma 3's 262,144 tokens on 2 cores. Here `gguf.GGUFReader` (which transformers
-    imports at each call) hands every load the same read-only reader. The parsed fields are millions of small
+    weights: ~23 s each for Gemma 3's 262,144 tokens on 2 cores (bench/gguf_load.py). Here `gguf.GGUFReader`
+    (which transformers imports at each call) hands every load the same read-only reader. The parsed fields are millions of small
     arrays, so they go when the block ends, or earlier at `release_gguf_readers` (once the weights are loaded).
     Blocks nest: an inner one shares the outer one's readers."""
     global _GGUF_READERS
