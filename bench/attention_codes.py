@@ -19,7 +19,7 @@ import torch
 
 from kdpipe.capture import Capture
 from kdpipe.pipeline.demo import DEMO_CORPUS, smollm2_gguf
-from kdpipe.stage1_extract.teacher import load_teacher, load_tokenizer, resolve_teacher
+from kdpipe.stage1_extract.teacher import load_teacher_and_tokenizer, resolve_teacher
 from kdpipe.storage.attention import attention_scores, key_mask, probs_from_scores
 from kdpipe.storage.signal_codec import FactorCodec, dequantize, quantize, score_metrics
 
@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=32)
     args = ap.parse_args()
     source = resolve_teacher(str(smollm2_gguf()))
-    model, tokenizer = load_teacher(source), load_tokenizer(None, source)
+    model, tokenizer = load_teacher_and_tokenizer(source)
     n, t, c = args.calibration + args.held_out, args.seq_len, args.calibration
     ids = tokenizer(open(args.data, encoding="utf-8").read())["input_ids"][: n * t]
     with torch.inference_mode(), Capture(model, attention_layers=list(BLOCKS), attention_form="factors") as cap:

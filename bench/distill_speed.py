@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdpipe.modelio import load_teacher, resolve_teacher
+from kdpipe.modelio import resolve_teacher
 from kdpipe.pipeline.demo import DEMO_CORPUS, smollm2_gguf
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
-from kdpipe.stage1_extract.teacher import load_tokenizer
+from kdpipe.stage1_extract.teacher import load_teacher_and_tokenizer
 from kdpipe.stage2_distill.data import TrainBatches
 from kdpipe.stage2_distill.losses import lm_loss
 from kdpipe.stage2_distill.methods.base import Needs
@@ -61,7 +61,7 @@ def main() -> None:
 
     teacher_path = str(smollm2_gguf())
     source = resolve_teacher(teacher_path)
-    teacher, tokenizer = load_teacher(source), load_tokenizer(None, source)
+    teacher, tokenizer = load_teacher_and_tokenizer(source)
     work = Path(tempfile.mkdtemp(prefix="kdpipe-distill-bench-"))
     cache_path = work / "cache"
     extract(ExtractConfig(teacher=teacher_path, data=[str(DEMO_CORPUS)], out=str(cache_path), seq_len=args.seq_len,

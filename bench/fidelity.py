@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdpipe.modelio import load_teacher, resolve_teacher
+from kdpipe.modelio import resolve_teacher
 from kdpipe.pipeline.demo import smollm2_gguf
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
-from kdpipe.stage1_extract.teacher import load_tokenizer
+from kdpipe.stage1_extract.teacher import load_teacher_and_tokenizer
 from kdpipe.stage2_distill.data import Split, TrainBatches, eval_batches
 from kdpipe.stage2_distill.losses import (bucket_kl, inclusion_weights, renormalized_topk_kl, sampled_cross_entropy,
                                           sampled_inclusion_cross_entropy)
@@ -97,7 +97,7 @@ def main() -> None:
 
     path = str(smollm2_gguf())
     source = resolve_teacher(path)
-    teacher, tokenizer = load_teacher(source), load_tokenizer(None, source)
+    teacher, tokenizer = load_teacher_and_tokenizer(source)
     caches = {}
     for name, extra in (("exact", dict(logit_codec="float16", sample_count=12)), ("compact", {})):
         if name not in {CACHE_OF[r] for r in runs} and not (work / name / "zarr.json").exists():

@@ -48,12 +48,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fidelity import STUDENT, full_kl, held_out_metrics, new_student, optimizer_step, topk_and_tail_draws  # noqa: E402
 
-from kdpipe.modelio import load_teacher, resolve_teacher  # noqa: E402
+from kdpipe.modelio import resolve_teacher  # noqa: E402
 from kdpipe.pipeline.demo import smollm2_gguf  # noqa: E402
 from kdpipe.stage1_extract.corpus import expand_sources, iter_documents, tokenize_documents  # noqa: E402
 from kdpipe.stage1_extract.logits import LogitSignals, LogitSpec  # noqa: E402
 from kdpipe.stage1_extract.packing import pack  # noqa: E402
-from kdpipe.stage1_extract.teacher import describe_teacher, load_tokenizer  # noqa: E402
+from kdpipe.stage1_extract.teacher import describe_teacher, load_teacher_and_tokenizer  # noqa: E402
 from kdpipe.stage2_distill.losses import (bucket_kl, inclusion_weights, sampled_cross_entropy,  # noqa: E402
                                           sampled_inclusion_cross_entropy)
 from kdpipe.storage.codecs import dequantize_logprobs, quantize_logprobs  # noqa: E402
@@ -152,7 +152,7 @@ def main() -> None:
 
     path = str(smollm2_gguf())
     source = resolve_teacher(path)
-    teacher, tokenizer = load_teacher(source).eval(), load_tokenizer(None, source)
+    teacher, tokenizer = load_teacher_and_tokenizer(source)
     need = args.steps * args.batch_size + args.eval_sequences
     files = expand_sources(args.data)
     blocks, _ = pack(tokenize_documents(iter_documents(files), tokenizer), args.seq_len, tokenizer.eos_token_id,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -24,12 +25,7 @@ from kdpipe.storage.fingerprint import tokenizer_fingerprint
 def load_all(source, shared: bool):
     modelio._CONFIGS.clear()  # the config is read from the file each time, as a new process reads it
     start = time.perf_counter()
-    if shared:
-        with modelio.gguf_parsed_once():
-            modelio.load_config(source)
-            tokenizer = load_tokenizer(None, source)
-            model = modelio.load_teacher(source)
-    else:
+    with modelio.gguf_parsed_once() if shared else nullcontext():
         modelio.load_config(source)
         tokenizer = load_tokenizer(None, source)
         model = modelio.load_teacher(source)

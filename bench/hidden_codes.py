@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from kdpipe.pipeline.demo import smollm2_gguf
-from kdpipe.stage1_extract.teacher import load_teacher, load_tokenizer, resolve_teacher
+from kdpipe.stage1_extract.teacher import load_teacher_and_tokenizer, resolve_teacher
 from kdpipe.storage.signal_codec import HiddenCodec, dequantize, quantize
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=16)
     args = ap.parse_args()
     source = resolve_teacher(str(smollm2_gguf()))
-    model, tokenizer = load_teacher(source), load_tokenizer(None, source)
+    model, tokenizer = load_teacher_and_tokenizer(source)
     n, t = args.calibration + args.held_out, args.seq_len
     ids = tokenizer(open(args.data, encoding="utf-8").read())["input_ids"][: n * t]
     with torch.inference_mode():

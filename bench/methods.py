@@ -25,7 +25,7 @@ from kdpipe.errors import UserError
 from kdpipe.pipeline.demo import DEMO_CORPUS, smollm2_gguf
 from kdpipe.pipeline.for_methods import signals_for_methods
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
-from kdpipe.stage1_extract.teacher import load_teacher, load_tokenizer, resolve_teacher
+from kdpipe.stage1_extract.teacher import load_teacher_and_tokenizer, resolve_teacher
 from kdpipe.stage2_distill.trainer import DistillConfig, distill
 
 STUDENT = "teacher:layers=2,hidden=128"
@@ -69,7 +69,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     path = smollm2_gguf()
     source = resolve_teacher(str(path))
-    model, tokenizer = load_teacher(source), load_tokenizer(None, source)
+    model, tokenizer = load_teacher_and_tokenizer(source)
     wanted = signals_for_methods(["diito"], str(path), 2)
     common = dict(data=[str(DEMO_CORPUS)], seq_len=args.seq_len, batch_size=8, top_k=64, temperatures=[1.0, 2.0],
                   max_sequences=args.sequences, sequences_per_unit=32, quiet=True)

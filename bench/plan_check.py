@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from kdpipe.modelio import load_teacher, resolve_teacher
+from kdpipe.modelio import resolve_teacher
 from kdpipe.pipeline.demo import DEMO_CORPUS, smollm2_gguf
 from kdpipe.pipeline.plan import PlanConfig, make_plan
 from kdpipe.pipeline.report import cache_summary
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
-from kdpipe.stage1_extract.teacher import load_tokenizer
+from kdpipe.stage1_extract.teacher import load_teacher_and_tokenizer
 
 
 def matmul_flops(rows: int, inner: int, cols: int, repeats: int = 20) -> float:
@@ -55,7 +55,7 @@ def main() -> None:
 
     path = str(smollm2_gguf())
     source = resolve_teacher(path)
-    model, tokenizer = load_teacher(source), load_tokenizer(None, source)
+    model, tokenizer = load_teacher_and_tokenizer(source)
     work = Path(tempfile.mkdtemp(prefix="kdpipe-plan-"))
     seconds = []
     for run in range(2):  # the first run also pays one-off warm-up (thread pools, allocator) the plan does not model

@@ -23,7 +23,7 @@ import numpy as np
 
 from kdpipe.pipeline.demo import DEMO_CORPUS, smollm2_gguf
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
-from kdpipe.stage1_extract.teacher import load_teacher, load_tokenizer, resolve_teacher
+from kdpipe.stage1_extract.teacher import load_teacher_and_tokenizer, resolve_teacher
 from kdpipe.storage.reader import TeacherCache
 from kdpipe.storage.schema import hidden_name
 
@@ -59,7 +59,7 @@ def main() -> None:
 
     teacher = str(smollm2_gguf())
     source = resolve_teacher(teacher)
-    model, tokenizer = load_teacher(source), load_tokenizer(None, source)
+    model, tokenizer = load_teacher_and_tokenizer(source)
     work = Path(tempfile.mkdtemp(prefix="kdpipe-read-"))
     layouts = {"unsharded": None, "sharded": 2}
     for name, chunk in layouts.items():

@@ -26,12 +26,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fidelity import full_kl, new_student, optimizer_step  # noqa: E402
 
-from kdpipe.modelio import load_teacher, resolve_teacher  # noqa: E402
+from kdpipe.modelio import resolve_teacher  # noqa: E402
 from kdpipe.pipeline.demo import smollm2_gguf  # noqa: E402
 from kdpipe.stage1_extract.corpus import expand_sources, iter_documents, tokenize_documents  # noqa: E402
 from kdpipe.stage1_extract.logits import LogitSignals, LogitSpec  # noqa: E402
 from kdpipe.stage1_extract.packing import pack  # noqa: E402
-from kdpipe.stage1_extract.teacher import describe_teacher, load_tokenizer  # noqa: E402
+from kdpipe.stage1_extract.teacher import describe_teacher, load_teacher_and_tokenizer  # noqa: E402
 from kdpipe.storage.codecs import dequantize_logprobs, quantize_logprobs  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     m = args.sample_count
     source = resolve_teacher(str(smollm2_gguf()))
-    teacher, tokenizer = load_teacher(source).eval(), load_tokenizer(None, source)
+    teacher, tokenizer = load_teacher_and_tokenizer(source)
     blocks, _ = pack(tokenize_documents(iter_documents(expand_sources(args.data)), tokenizer), 128,
                      tokenizer.eos_token_id, "packed", tokenizer.eos_token_id, max_sequences=64 + 8 * args.steps)
     rows = np.asarray(blocks[0:len(blocks)])

@@ -22,12 +22,12 @@ import argparse
 import numpy as np
 import torch
 
-from kdpipe.modelio import load_teacher, resolve_teacher
+from kdpipe.modelio import resolve_teacher
 from kdpipe.pipeline.demo import smollm2_gguf
 from kdpipe.stage1_extract.corpus import expand_sources, iter_documents, tokenize_documents
 from kdpipe.stage1_extract.logits import LogitSignals, LogitSpec
 from kdpipe.stage1_extract.packing import pack
-from kdpipe.stage1_extract.teacher import load_tokenizer
+from kdpipe.stage1_extract.teacher import load_teacher_and_tokenizer
 from kdpipe.storage.codecs import dequantize_logprobs, quantize_logprobs
 
 ESTIMATORS = ("counts", "tempered-1.5", "tempered-1.5-self", "tempered-2", "tempered-2-self", "exact-head", "ratio")
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=4)
     args = ap.parse_args()
     source = resolve_teacher(str(smollm2_gguf()))
-    teacher, tokenizer = load_teacher(source).eval(), load_tokenizer(None, source)
+    teacher, tokenizer = load_teacher_and_tokenizer(source)
     blocks, _ = pack(tokenize_documents(iter_documents(expand_sources(args.data)), tokenizer), 128,
                      tokenizer.eos_token_id, "packed", tokenizer.eos_token_id, max_sequences=args.sequences)
     ids = torch.from_numpy(np.asarray(blocks[0:args.sequences])).long()

@@ -26,7 +26,7 @@ from pathlib import Path
 from kdpipe.pipeline.demo import DEMO_CORPUS, smollm2_gguf
 from kdpipe.pipeline.report import cache_summary, describe_signals
 from kdpipe.stage1_extract.extractor import ExtractConfig, extract
-from kdpipe.stage1_extract.teacher import load_teacher, load_tokenizer, resolve_teacher
+from kdpipe.stage1_extract.teacher import load_teacher_and_tokenizer, resolve_teacher
 from kdpipe.stage2_distill.trainer import DistillConfig, distill
 from kdpipe.storage import budget
 
@@ -55,7 +55,7 @@ def main() -> None:
     (work / "runs").mkdir(parents=True, exist_ok=True)
     path = smollm2_gguf()
     source = resolve_teacher(str(path))
-    model, tokenizer = load_teacher(source), load_tokenizer(None, source)
+    model, tokenizer = load_teacher_and_tokenizer(source)
     c = model.config
     shapes = budget.Shapes(c.hidden_size, 3, 2, c.num_attention_heads, c.num_key_value_heads,
                            c.hidden_size // c.num_attention_heads, args.seq_len, "factors", 32)

@@ -165,10 +165,10 @@ def make_float16_subsampled(cache: TeacherCache) -> TeacherCache:
 def test_calibration_costs_no_forward_of_its_own(teachers, corpus, tmp_path):
     """The compact top-k and int8 codes are fitted on unit 0's first batches, which are then stored, not rerun:
     the teacher runs exactly as many forwards as for a cache that calibrates nothing."""
-    from kdpipe.stage1_extract.teacher import load_teacher, load_tokenizer, resolve_teacher
+    from kdpipe.stage1_extract.teacher import load_teacher_and_tokenizer, resolve_teacher
 
     source = resolve_teacher(str(teachers["llama"]))
-    model, tokenizer = load_teacher(source), load_tokenizer(None, source)
+    model, tokenizer = load_teacher_and_tokenizer(source)
     calls = []
     model.register_forward_pre_hook(lambda *a: calls.append(1))
     counts = {}

@@ -135,16 +135,13 @@ def real_teacher(locate):
     import pytest
 
     from kdpipe.errors import UserError
-    from kdpipe.modelio import gguf_parsed_once
-    from kdpipe.stage1_extract.teacher import load_teacher, load_tokenizer, resolve_teacher
+    from kdpipe.stage1_extract.teacher import load_teacher_and_tokenizer, resolve_teacher
 
     try:
         path = locate()
     except UserError as exc:
         pytest.skip(str(exc))
-    source = resolve_teacher(str(path))
-    with gguf_parsed_once():
-        return path, load_teacher(source), load_tokenizer(None, source)
+    return (path, *load_teacher_and_tokenizer(resolve_teacher(str(path))))
 
 
 def side_by_side(calls: dict) -> dict:

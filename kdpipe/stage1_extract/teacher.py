@@ -30,6 +30,12 @@ def load_tokenizer(path: str | None, source: TeacherSource, trust_remote_code: b
         raise UserError(f"cannot load a tokenizer from {where} ({type(exc).__name__}): pass --tokenizer") from None
 
 
+def load_teacher_and_tokenizer(source: TeacherSource):
+    """(model, tokenizer) of a teacher in float32 on the CPU; a GGUF file's metadata parsed once for both."""
+    with gguf_parsed_once():
+        return load_teacher(source), load_tokenizer(None, source)
+
+
 def check_tokenizer(tokenizer, source: TeacherSource, name: str, trust_remote_code: bool = False) -> None:
     """A --tokenizer other than the teacher's own must map text to the same ids: the teacher reads ids, and
     another vocabulary's ids would be other tokens to it. Compared with the teacher's own tokenizer where it
@@ -119,9 +125,7 @@ def export_gguf(source: TeacherSource, out: Path) -> Path:
     build the model themselves (DeepSpeed's zero.Init) can load it. transformers refuses to
     `save_pretrained` a GGUF-loaded model, so its weights go into a fresh model of the same config."""
 
-    with gguf_parsed_once():
-        model = load_teacher(source)
-        tokenizer = load_tokenizer(None, source)
+    model, tokenizer = load_teacher_and_tokenizer(source)
     fresh = type(model)(model.config)
     fresh.load_state_dict(model.state_dict())
     fresh.config.quantization_config = None
